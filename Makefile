@@ -1,0 +1,36 @@
+# Birb Nest — `make run` and `make test` are all a newcomer needs. `make help` lists the rest.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | sha1sum | cut -c1-12)
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint format venv clean-data
+
+help: ## list the targets
+	@grep -hE '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+$(STAMP): requirements/base.txt requirements/stack.txt requirements/dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+	@rm -f $(VENV)/.installed-*; touch $@
+
+venv: $(STAMP) ## create .venv and install the pinned requirements (done by run/test)
+
+run: $(STAMP) ## start PostgreSQL, Redis, NATS (unless *_URL are set), migrate, serve API + worker
+	$(PY) -m ops.stack run
+
+test: $(STAMP) ## run the whole test suite against real servers (started on free ports)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff lint + format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP) ## ruff format + autofix
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean-data: ## delete var/ (all data of the servers `make run` started)
+	rm -rf var/

@@ -1,0 +1,239 @@
+"""Typed readers for the environment: the one place configuration is parsed.
+
+Every variable of the contract's configuration section is read here. A bad value raises
+:class:`ConfigError`, whose message is the one line the operator sees, e.g.
+``invalid value for WORKER_BATCH_SIZE: "abc" is not an integer``; callers turn it into
+exit code 2 (see :func:`exit_on_config_error`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+CONFIG_ERROR_EXIT_CODE = 2
+
+
+class ConfigError(ValueError):
+    """A configuration variable holds a value that cannot be used."""
+
+    def __init__(self, name: str, value: str, expected: str) -> None:
+        self.name = name
+        self.value = value
+        self.expected = expected
+        super().__init__(f'invalid value for {name}: "{value}" {expected}')
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_NATS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def parse_int(name: str, raw: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(name, raw, "is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(name, raw, f"is below the minimum of {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, raw, f"is above the maximum of {maximum}")
+    return value
+
+
+def parse_duration(name: str, raw: str) -> float:
+    """Seconds from ``500ms``, ``2s``, ``1m``, ``1h`` or a bare number of seconds."""
+    match = _DURATION.match(raw)
+    if not match:
+        raise ConfigError(name, raw, 'is not a duration (expected e.g. "500ms", "2s", "1m")')
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(name, raw, "is not a boolean (expected true/false, 1/0, yes/no, on/off)")
+
+
+def parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    lowered = raw.strip().lower()
+    if lowered not in choices:
+        raise ConfigError(name, raw, f"is not one of {', '.join(choices)}")
+    return lowered
+
+
+def parse_url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    if not raw:
+        return ""
+    scheme = raw.split("://", 1)[0] if "://" in raw else ""
+    if scheme not in schemes:
+        raise ConfigError(name, raw, f"is not a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    return raw
+
+
+def parse_nats_name(name: str, raw: str) -> str:
+    if not _NATS_NAME.match(raw):
+        raise ConfigError(name, raw, "is not a valid name (1-64 characters from A-Z a-z 0-9 _ -)")
+    return raw
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One documented variable: its default (as the operator would write it) and its parser."""
+
+    name: str
+    default: str
+    parse: Callable[[str, str], Any]
+    help: str
+
+
+def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[str, str], int]:
+    return lambda name, raw: parse_int(name, raw, minimum=minimum, maximum=maximum)
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    return lambda name, raw: parse_choice(name, raw, choices)
+
+
+def _url(*schemes: str) -> Callable[[str, str], str]:
+    return lambda name, raw: parse_url(name, raw, schemes)
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+# The order here is the order of .env.example and of the README's configuration table.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("API_PORT", "8080", _int(1, 65535), "HTTP port of the API (loopback unless API_HOST says otherwise)."),
+    Setting("API_HOST", "127.0.0.1", _str, "Address the API binds to."),
+    Setting("API_WORKERS", "2", _int(1, 64), "API server processes."),
+    Setting("API_THREADS", "16", _int(1, 512), "Request threads per API process."),
+    Setting("DATABASE_URL", "", _url("postgres", "postgresql"), "PostgreSQL URL; unset = the server `make run` started."),
+    Setting("REDIS_URL", "", _url("redis", "rediss", "unix"), "Redis URL; unset = the server `make run` started."),
+    Setting("NATS_URL", "", _url("nats", "tls"), "NATS URL; unset = the server `make run` started."),
+    Setting("REDIS_DEFAULT_TTL", "0", _int(0), "TTL in seconds for writes that give none (0 = no expiry)."),
+    Setting("MAX_VALUE_SIZE", "1048576", _int(1), "Largest accepted value, in bytes of JSON."),
+    Setting("MAX_BATCH_KEYS", "100", _int(1, 10000), "Most keys in one batch get."),
+    Setting("PUBLISH_TIMEOUT", "5s", parse_duration, "How long a write waits for the JetStream PubAck before 503."),
+    Setting("WORKER_BATCH_SIZE", "100", _int(1, 10000), "Most messages the worker writes in one transaction."),
+    Setting("WORKER_BATCH_TIMEOUT", "1s", parse_duration, "How long the worker waits to fill a batch."),
+    Setting("WORKER_CONSUMER_GROUP", "birb-worker", parse_nats_name, "Durable consumer name shared by all workers."),
+    Setting("WORKER_MAX_DELIVER", "5", _int(1), "Deliveries of one message before it is dead-lettered."),
+    Setting("TOMBSTONE_RETENTION", "7d", parse_duration, "How long deleted keys keep their version (blocks late older writes)."),
+    Setting("LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"), "Log level."),
+    Setting("LOG_FORMAT", "json", _choice("json", "text"), "Log format."),
+    Setting("OTEL_TRACES_ENABLED", "false", parse_bool, "Export OpenTelemetry traces (not implemented yet)."),
+    Setting("FEATURE_METRICS_DETAILED", "false", parse_bool, "Per-route labels on HTTP metrics."),
+    Setting("API_DEBUG_PORT", "0", _int(0, 65535), "Profiling endpoint port (0 = off)."),
+    Setting("SECRET_KEY", "", _str, "Django secret key; required unless DEBUG is on (`make run` generates one)."),
+    Setting("DEBUG", "false", parse_bool, "Django debug mode. Never in production."),
+    Setting("BIRB_DATA_DIR", "", _str, "Where `make run` keeps server data and its URLs (default ./var)."),
+    Setting("REDIS_KEY_PREFIX", "birb:", _str, "Prefix of every Redis key the service writes."),
+    Setting("BIRB_STREAM", "BIRB_CACHE", parse_nats_name, "JetStream stream of persist messages."),
+    Setting("BIRB_DLQ_STREAM", "BIRB_CACHE_DLQ", parse_nats_name, "JetStream stream of dead letters."),
+    Setting("BIRB_SUBJECT_PREFIX", "cache", parse_nats_name, "First token of stream subjects."),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The parsed configuration. Field names are the variable names in lower case."""
+
+    api_port: int
+    api_host: str
+    api_workers: int
+    api_threads: int
+    database_url: str
+    redis_url: str
+    nats_url: str
+    redis_default_ttl: int
+    max_value_size: int
+    max_batch_keys: int
+    publish_timeout: float
+    worker_batch_size: int
+    worker_batch_timeout: float
+    worker_consumer_group: str
+    worker_max_deliver: int
+    tombstone_retention: float
+    log_level: str
+    log_format: str
+    otel_traces_enabled: bool
+    feature_metrics_detailed: bool
+    api_debug_port: int
+    secret_key: str
+    debug: bool
+    birb_data_dir: str
+    redis_key_prefix: str
+    birb_stream: str
+    birb_dlq_stream: str
+    birb_subject_prefix: str
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.birb_data_dir) if self.birb_data_dir else BASE_DIR / "var"
+
+
+assert [f.name for f in fields(Config)] == [s.name.lower() for s in SETTINGS]
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Parse every variable; the first bad one raises :class:`ConfigError`."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for setting in SETTINGS:
+        raw = environ.get(setting.name)
+        if raw is None or raw == "":
+            raw = setting.default
+        values[setting.name.lower()] = setting.parse(setting.name, raw)
+    config = Config(**values)
+    if not config.debug and not config.secret_key:
+        raise ConfigError("SECRET_KEY", "", "is required when DEBUG is off (set SECRET_KEY, or DEBUG=true for development)")
+    return config
+
+
+def data_dir_from(environ: Mapping[str, str]) -> Path:
+    raw = environ.get("BIRB_DATA_DIR") or ""
+    return Path(raw) if raw else BASE_DIR / "var"
+
+
+STACK_ENV_FILE = "stack.env"
+
+
+def load_env_files(environ: dict[str, str] | None = None) -> None:
+    """Fill unset variables from ``.env`` and then from the file `make run` writes under the data dir.
+
+    Variables already in the environment always win, so an operator's export beats both files.
+    """
+    from dotenv import dotenv_values
+
+    environ = os.environ if environ is None else environ  # type: ignore[assignment]
+    for path in (BASE_DIR / ".env", data_dir_from(environ) / STACK_ENV_FILE):
+        if path.is_file():
+            for key, value in dotenv_values(path).items():
+                if value is not None and not environ.get(key):
+                    environ[key] = value
+
+
+@contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Turn a :class:`ConfigError` into its one line on stderr and exit code 2."""
+    try:
+        yield
+    except ConfigError as error:
+        sys.stderr.write(f"{error}\n")
+        sys.stderr.flush()
+        raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None

@@ -1,0 +1,141 @@
+"""Django settings for Birb Nest.
+
+Every value that an operator can change comes from :mod:`birbnest.env` (one typed reader, one
+error line, exit code 2). Variables that are unset are filled first from ``.env`` and then from
+``<BIRB_DATA_DIR>/stack.env``, the file `make run` writes with the URLs of the servers it started.
+"""
+
+from __future__ import annotations
+
+import dj_database_url
+
+from birbnest.env import BASE_DIR, exit_on_config_error, load_config, load_env_files
+
+load_env_files()
+with exit_on_config_error():
+    BIRB = load_config()
+
+VERSION = "0.1.0"
+SERVICE_NAME = "birb-nest"
+
+DEBUG = BIRB.debug
+# DEBUG without a SECRET_KEY is allowed (load_config refuses it otherwise); use a fixed dev value.
+SECRET_KEY = BIRB.secret_key or "dev-only-insecure-key-do-not-use-in-production"
+ALLOWED_HOSTS = ["*"]
+
+INSTALLED_APPS = [
+    # Ours first: Channels also ships a `runworker` command; the first app wins the name.
+    "persistence",
+    "cache_api",
+    "ops",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+]
+
+MIDDLEWARE = [
+    # Counts and times every request (cheap: a few multiprocess-safe counters).
+    "ops.metrics.metrics_middleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "birbnest.urls"
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "birbnest.wsgi.application"
+
+# An unset URL keeps settings importable (the test suite points them at its own servers after
+# start-up); the system check birbnest.E001 stops every command that would need it.
+_UNSET_DATABASE_URL = "postgresql://unset@127.0.0.1:1/birbnest"
+DATABASES = {
+    "default": {
+        **dj_database_url.parse(BIRB.database_url or _UNSET_DATABASE_URL),
+        # psycopg's pool: request threads borrow a connection instead of each keeping one.
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {
+            "pool": {"min_size": 1, "max_size": 20, "timeout": 2.0},
+            "connect_timeout": 3,
+        },
+    }
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+CACHES = {
+    "default": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": BIRB.redis_url or "redis://127.0.0.1:1/0",
+        "KEY_PREFIX": BIRB.redis_key_prefix + "django",
+        "OPTIONS": {
+            "CLIENT_CLASS": "django_redis.client.DefaultClient",
+            "SOCKET_CONNECT_TIMEOUT": 2,
+            "SOCKET_TIMEOUT": 2,
+            "CONNECTION_POOL_KWARGS": {"max_connections": 256, "health_check_interval": 30},
+        },
+    }
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BIRB.data_dir / "static"
+
+# The API parses and renders JSON itself (orjson); DRF's own machinery stays out of the hot path.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "DEFAULT_RENDERER_CLASSES": ["cache_api.renderers.OrjsonRenderer"],
+    "DEFAULT_PARSER_CLASSES": [],
+    "EXCEPTION_HANDLER": "cache_api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+
+# A request body may hold a value of MAX_VALUE_SIZE plus the envelope around it.
+DATA_UPLOAD_MAX_MEMORY_SIZE = BIRB.max_value_size + 64 * 1024
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "json": {"()": "ops.logging.JsonFormatter"},
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": BIRB.log_format}},
+    "root": {"handlers": ["console"], "level": BIRB.log_level.upper()},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        "nats": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,87 @@
+"""The HTTP data plane: thin DRF views over persistence.services.
+
+Views return ready JSON bytes (entries are rendered without decoding their values); DRF's
+authentication, permission and parsing machinery is switched off for these routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from django.conf import settings
+from django.http import HttpResponse
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from cache_api.serializers import parse_batch_keys, parse_if_match, parse_write, validate_key
+from ops.metrics import CACHE_HITS, CACHE_MISSES
+from persistence import services
+from persistence.errors import KeyNotFoundError
+from persistence.redis_store import StoredEntry
+
+
+def entry_response(entry: StoredEntry, status: int = 200) -> HttpResponse:
+    response = HttpResponse(entry.to_json(), status=status, content_type="application/json")
+    response["ETag"] = f'"{entry.version}"'
+    return response
+
+
+class LeanApiView(APIView):
+    authentication_classes: list[Any] = []
+    permission_classes: list[Any] = []
+    throttle_classes: list[Any] = []
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # One renderer (JSON): skip negotiation on every request.
+        renderer = self.get_renderers()[0]
+        return renderer, renderer.media_type
+
+
+class CacheEntryApi(LeanApiView):
+    """`GET|POST|PUT|DELETE /v1/cache/{key}`."""
+
+    def get(self, request: Request, key: str) -> HttpResponse:
+        validate_key(key)
+        entry, hit = services.cache_entry_get_counted(key=key)
+        (CACHE_HITS if hit else CACHE_MISSES).inc()
+        if entry is None:
+            raise KeyNotFoundError(key)
+        return entry_response(entry)
+
+    def post(self, request: Request, key: str) -> HttpResponse:
+        return self._write(request, key)
+
+    def put(self, request: Request, key: str) -> HttpResponse:
+        return self._write(request, key)
+
+    def _write(self, request: Request, key: str) -> HttpResponse:
+        validate_key(key)
+        if_match = parse_if_match(request.headers.get("If-Match"))
+        data = parse_write(request.body, max_value_size=settings.BIRB.max_value_size)
+        result = services.cache_entry_set(
+            key=key, value_json=data.value_json, ttl=data.ttl, metadata_json=data.metadata_json, if_match=if_match
+        )
+        return entry_response(result.entry, status=201 if result.created else 200)
+
+    def delete(self, request: Request, key: str) -> HttpResponse:
+        validate_key(key)
+        services.cache_entry_delete(key=key)
+        return HttpResponse(status=204)
+
+
+class CacheEntryBatchGetApi(LeanApiView):
+    """`POST /v1/cache/batch/get` with `{"keys": [...]}`."""
+
+    def post(self, request: Request) -> HttpResponse:
+        keys = parse_batch_keys(request.body, max_keys=settings.BIRB.max_batch_keys)
+        found, missing, hits = services.cache_entries_get_many(keys=keys)
+        if hits:
+            CACHE_HITS.inc(hits)
+        misses = len(set(keys)) - hits
+        if misses:
+            CACHE_MISSES.inc(misses)
+        body = orjson.dumps(
+            {"entries": {key: orjson.Fragment(entry.to_json()) for key, entry in found.items()}, "missing": missing}
+        )
+        return HttpResponse(body, content_type="application/json")

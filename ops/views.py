@@ -1,0 +1,82 @@
+"""Service endpoints: `/`, `/health`, `/metrics`."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import orjson
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from cache_api.errors import method_not_allowed
+from ops import health, metrics
+
+STARTED = time.time()
+
+ENDPOINTS = [
+    "POST /v1/cache/{key}",
+    "PUT /v1/cache/{key}",
+    "GET /v1/cache/{key}",
+    "DELETE /v1/cache/{key}",
+    "POST /v1/cache/batch/get",
+    "GET /health",
+    "GET /metrics",
+    "GET /metrics/prometheus",
+    "GET /admin/",
+]
+
+
+def require_GET(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
+    """GET (and HEAD) only; anything else gets the contract's 405 body."""
+
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest) -> HttpResponse:
+        if request.method not in ("GET", "HEAD"):
+            return method_not_allowed(request, ["GET", "HEAD"])
+        return view(request)
+
+    return csrf_exempt(wrapper)
+
+
+def json_response(body: object, status: int = 200) -> HttpResponse:
+    return HttpResponse(orjson.dumps(body), status=status, content_type="application/json")
+
+
+@require_GET
+def root(request: HttpRequest) -> HttpResponse:
+    return json_response({"service": settings.SERVICE_NAME, "version": settings.VERSION, "endpoints": ENDPOINTS})
+
+
+@require_GET
+def health_view(request: HttpRequest) -> HttpResponse:
+    checks = health.run_checks()
+    healthy = all(check["status"] == "healthy" for check in checks.values())
+    body = {
+        "status": "healthy" if healthy else "unhealthy",
+        "service": settings.SERVICE_NAME,
+        "version": settings.VERSION,
+        "uptime": round(time.time() - STARTED, 1),
+        "checks": checks,
+    }
+    return json_response(body, status=200 if healthy else 503)
+
+
+def _wants_prometheus(request: HttpRequest) -> bool:
+    accept = request.headers.get("Accept", "")
+    return "text/plain" in accept or "openmetrics" in accept
+
+
+@require_GET
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """JSON for humans and jq; Prometheus text when the scraper asks for it."""
+    if _wants_prometheus(request):
+        return prometheus_view(request)
+    return json_response(metrics.summary())
+
+
+@require_GET
+def prometheus_view(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(metrics.prometheus_text(), content_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,270 @@
+"""NATS JetStream: the only module that imports ``nats``.
+
+Two ways in:
+
+- :func:`publisher` for synchronous callers (the WSGI API, management commands): one asyncio
+  loop per process in a daemon thread, one connection, and publishes submitted to it from any
+  thread; concurrent requests therefore publish concurrently on one connection, and no request
+  starts a loop or a thread.
+- :class:`JetStream` for asyncio callers (the worker).
+
+Streams and the consumer are declared here, idempotently, from the settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from django.conf import settings
+from nats.js import api
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DLQ_MAX_AGE = 7 * 24 * 3600.0
+DUPLICATE_WINDOW = 120.0
+ACK_WAIT = 30.0
+
+
+class PublishError(Exception):
+    """A message could not be made durable (no PubAck in time, stream missing, server down)."""
+
+
+@dataclass(frozen=True)
+class Names:
+    stream: str
+    dlq_stream: str
+    subject_prefix: str
+    consumer: str
+
+    @property
+    def persist_subjects(self) -> str:
+        return f"{self.subject_prefix}.persist.*"
+
+    @property
+    def dlq_subjects(self) -> str:
+        return f"{self.subject_prefix}.dlq.*"
+
+    def persist_subject(self, op: str) -> str:
+        return f"{self.subject_prefix}.persist.{op}"
+
+    def dlq_subject(self, reason: str) -> str:
+        return f"{self.subject_prefix}.dlq.{reason}"
+
+
+def names() -> Names:
+    config = settings.BIRB
+    return Names(
+        stream=config.birb_stream,
+        dlq_stream=config.birb_dlq_stream,
+        subject_prefix=config.birb_subject_prefix,
+        consumer=config.worker_consumer_group,
+    )
+
+
+def stream_config(n: Names) -> api.StreamConfig:
+    # Limits retention as the contract says; acknowledged messages are purged by the worker
+    # (JetStream.purge_acknowledged), and when the stream is full new publishes are refused
+    # (discard=new, so the writer gets a 503) instead of old, unpersisted messages being dropped.
+    return api.StreamConfig(
+        name=n.stream,
+        subjects=[n.persist_subjects],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        discard=api.DiscardPolicy.NEW,
+        max_msgs=-1,
+        max_bytes=-1,
+        duplicate_window=DUPLICATE_WINDOW,
+    )
+
+
+def dlq_stream_config(n: Names) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=n.dlq_stream,
+        subjects=[n.dlq_subjects],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        max_age=DLQ_MAX_AGE,
+        duplicate_window=DUPLICATE_WINDOW,
+    )
+
+
+def consumer_config(n: Names) -> api.ConsumerConfig:
+    return api.ConsumerConfig(
+        durable_name=n.consumer,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=ACK_WAIT,
+        max_deliver=settings.BIRB.worker_max_deliver,
+        filter_subject=n.persist_subjects,
+        max_ack_pending=20000,
+    )
+
+
+async def _connect(url: str, *, name: str) -> Any:
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=2,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        # Publishes made while reconnecting wait in this buffer; their PubAck wait still bounds them.
+        pending_size=8 * 1024 * 1024,
+    )
+
+
+class JetStream:
+    """Asyncio wrapper of one NATS connection and its JetStream context."""
+
+    def __init__(self, nc: Any, n: Names) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.names = n
+
+    @classmethod
+    async def connect(cls, *, name: str = "birb-nest") -> JetStream:
+        n = names()
+        nc = await _connect(settings.BIRB.nats_url, name=name)
+        return cls(nc, n)
+
+    async def ensure_streams(self) -> None:
+        """Create both streams if missing; leave existing ones as the operator configured them."""
+        for config in (stream_config(self.names), dlq_stream_config(self.names)):
+            try:
+                await self.js.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                try:
+                    await self.js.add_stream(config)
+                    logger.info("created stream %s", config.name)
+                except nats.js.errors.BadRequestError:
+                    # Another process created it between our two calls.
+                    await self.js.stream_info(config.name)
+
+    async def ensure_consumer(self) -> None:
+        try:
+            await self.js.consumer_info(self.names.stream, self.names.consumer)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_consumer(self.names.stream, consumer_config(self.names))
+            logger.info("created consumer %s on %s", self.names.consumer, self.names.stream)
+
+    async def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float) -> int:
+        try:
+            ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as error:
+            raise PublishError(f"{type(error).__name__}: {error}".rstrip(": ")) from error
+        return int(ack.seq)
+
+    async def pull_subscription(self) -> Any:
+        return await self.js.pull_subscribe_bind(durable=self.names.consumer, stream=self.names.stream)
+
+    @staticmethod
+    async def fetch(subscription: Any, *, batch: int, timeout: float) -> list[Any]:
+        """Up to ``batch`` messages; an empty list when none came within ``timeout`` (idle)."""
+        try:
+            return list(await subscription.fetch(batch, timeout=timeout))
+        except nats.errors.TimeoutError:
+            return []
+
+    async def consumer_state(self) -> dict[str, int]:
+        info = await self.js.consumer_info(self.names.stream, self.names.consumer)
+        return {
+            "num_pending": int(info.num_pending or 0),
+            "num_ack_pending": int(info.num_ack_pending or 0),
+            "num_redelivered": int(info.num_redelivered or 0),
+            "ack_floor_stream_seq": int(info.ack_floor.stream_seq if info.ack_floor else 0),
+        }
+
+    async def stream_state(self, stream: str | None = None) -> dict[str, int]:
+        info = await self.js.stream_info(stream or self.names.stream)
+        return {"messages": int(info.state.messages), "bytes": int(info.state.bytes)}
+
+    async def purge_acknowledged(self) -> None:
+        """Remove messages every worker has acknowledged (below the consumer's ack floor)."""
+        state = await self.consumer_state()
+        floor = state["ack_floor_stream_seq"]
+        if floor > 0:
+            await self.js.purge_stream(self.names.stream, seq=floor + 1)
+
+    async def close(self) -> None:
+        if self.nc.is_connected or self.nc.is_reconnecting:
+            await self.nc.drain()
+        else:
+            await self.nc.close()
+
+
+class SyncJetStream:
+    """Runs :class:`JetStream` on a private event loop so synchronous code can use it."""
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="jetstream-loop", daemon=True)
+        self._thread.start()
+        self._lock = threading.Lock()
+        self._client: JetStream | None = None
+        self._streams_ready = False
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def client(self) -> JetStream:
+        if self._client is not None:
+            return self._client
+        with self._lock:
+            if self._client is None:
+                client = self.run(JetStream.connect(name=f"birb-nest-api-{os.getpid()}"), timeout=5)
+                if not self._streams_ready:
+                    self.run(client.ensure_streams(), timeout=10)
+                    self._streams_ready = True
+                self._client = client
+        return self._client
+
+    def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float) -> int:
+        try:
+            client = self.client()
+        except Exception as error:
+            raise PublishError(f"cannot connect to NATS: {type(error).__name__}: {error}") from error
+        try:
+            return self.run(client.publish(subject, payload, headers=headers, timeout=timeout), timeout + 1)
+        except TimeoutError as error:
+            raise PublishError("no PubAck within the publish timeout") from error
+
+    def healthy(self, timeout: float = 1.0) -> tuple[bool, str]:
+        try:
+            client = self.client()
+            if not client.nc.is_connected:
+                return False, "not connected to NATS"
+            self.run(client.js.stream_info(client.names.stream), timeout)
+        except Exception as error:
+            return False, f"{type(error).__name__}: {error}".rstrip(": ")
+        return True, ""
+
+
+_publisher: SyncJetStream | None = None
+_publisher_lock = threading.Lock()
+
+
+def publisher() -> SyncJetStream:
+    """This process's synchronous JetStream client (a new one after fork)."""
+    global _publisher
+    if _publisher is None or _publisher._pid != os.getpid():
+        with _publisher_lock:
+            if _publisher is None or _publisher._pid != os.getpid():
+                _publisher = SyncJetStream()
+    return _publisher

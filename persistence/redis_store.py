@@ -1,0 +1,253 @@
+"""The hot copy in Redis: one hash per entry, one counter per key, and the Lua scripts that keep
+them consistent without a read-then-write race.
+
+Layout (prefix ``REDIS_KEY_PREFIX``):
+
+- ``<prefix>e:<key>`` hash: ``v`` version, ``val`` value (JSON text), ``m`` metadata (JSON text),
+  ``c`` created_at, ``u`` updated_at, ``x`` expires_at in epoch milliseconds (empty = never).
+  Expires by itself at ``x``. A delete leaves a tombstone hash ``{v, t=1}`` for
+  ``TOMBSTONE_RETENTION`` so a late, older write cannot bring the key back and a read does not
+  fall through to a PostgreSQL row the worker has not deleted yet.
+- ``<prefix>n:<key>`` counter: the last version assigned to the key. When it is missing (new key,
+  or Redis lost its data) it is seeded from the highest version PostgreSQL knows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from django_redis import get_redis_connection
+from redis import Redis
+from redis.commands.core import Script
+
+from persistence.keys import entry_key, version_key
+
+# ARGV: floor ('' = unknown), if_match ('' = none), counter ttl ms.
+# -> {1, version} | {-1, 0} seed needed | {-2, current} If-Match mismatch
+_ASSIGN_VERSION = """
+local n = redis.call('GET', KEYS[1])
+if not n then
+  if ARGV[1] == '' then return {-1, 0} end
+  n = ARGV[1]
+end
+n = tonumber(n)
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= n then return {-2, n} end
+n = n + 1
+redis.call('SET', KEYS[1], n, 'PX', ARGV[3])
+return {1, n}
+"""
+
+# ARGV: version, value, metadata, created_at, updated_at, expires_at ms ('' = never).
+# Stores unless the hash already holds this or a newer version (entry or tombstone).
+# -> {stored, is_new, created_at}
+_STORE_ENTRY = """
+local cur = redis.call('HMGET', KEYS[1], 'v', 'c', 't')
+local v = tonumber(ARGV[1])
+if cur[1] and tonumber(cur[1]) >= v then return {0, 0, cur[2] or ARGV[4]} end
+local created = ARGV[4]
+local is_new = 1
+if cur[1] and not cur[3] then
+  created = cur[2]
+  is_new = 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', v, 'val', ARGV[2], 'm', ARGV[3], 'c', created, 'u', ARGV[5], 'x', ARGV[6])
+if ARGV[6] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[6]) end
+return {1, is_new, created}
+"""
+
+# ARGV: version, tombstone ttl ms. -> 1 stored, 0 a newer version is already there.
+_STORE_TOMBSTONE = """
+local cur = redis.call('HGET', KEYS[1], 'v')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 't', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# ARGV: version persisted by the worker. Drops a hash older than what PostgreSQL now holds
+# (left by an API process that crashed between the PubAck and its Redis write); the next read
+# fills it from PostgreSQL. -> 1 dropped, 0 kept.
+_EVICT_STALE = """
+local cur = redis.call('HGET', KEYS[1], 'v')
+if cur and tonumber(cur) < tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """An entry as Redis (or PostgreSQL) holds it; value and metadata stay JSON text."""
+
+    key: str
+    version: int
+    value_json: bytes
+    metadata_json: bytes
+    created_at: str
+    updated_at: str
+    expires_at_ms: int | None
+
+    def ttl(self, now_ms: int | None = None) -> int | None:
+        """Seconds left (rounded up), or None for no expiry."""
+        if self.expires_at_ms is None:
+            return None
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        return max(0, -(-(self.expires_at_ms - now_ms) // 1000))
+
+    def to_json(self) -> bytes:
+        """The contract's entry body, without decoding the value."""
+        return orjson.dumps(
+            {
+                "key": self.key,
+                "value": orjson.Fragment(self.value_json),
+                "version": self.version,
+                "ttl": self.ttl(),
+                "metadata": orjson.Fragment(self.metadata_json),
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+            }
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return orjson.loads(self.to_json())
+
+
+class Tombstone:
+    """Marker returned by :func:`read` for a key deleted recently (Redis knows it is gone)."""
+
+
+TOMBSTONE = Tombstone()
+
+
+class _Scripts:
+    def __init__(self, client: Redis) -> None:
+        self.assign_version: Script = client.register_script(_ASSIGN_VERSION)
+        self.store_entry: Script = client.register_script(_STORE_ENTRY)
+        self.store_tombstone: Script = client.register_script(_STORE_TOMBSTONE)
+        self.evict_stale: Script = client.register_script(_EVICT_STALE)
+
+
+_scripts: tuple[Redis, _Scripts] | None = None
+
+
+def client() -> Redis:
+    """The raw redis-py client, from django-redis's connection pool."""
+    return get_redis_connection("default")
+
+
+def scripts() -> _Scripts:
+    global _scripts
+    current = client()
+    if _scripts is None or _scripts[0] is not current:
+        _scripts = (current, _Scripts(current))
+    return _scripts[1]
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def read(key: str) -> StoredEntry | Tombstone | None:
+    """One round trip: the entry, a tombstone, or None when Redis does not have the key."""
+    fields = client().hgetall(entry_key(key))
+    if not fields:
+        return None
+    if b"t" in fields:
+        return TOMBSTONE
+    return _entry_from_hash(key, fields)
+
+
+def read_many(keys: list[str]) -> list[StoredEntry | Tombstone | None]:
+    pipe = client().pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(entry_key(key))
+    results = []
+    for key, fields in zip(keys, pipe.execute(), strict=True):
+        if not fields:
+            results.append(None)
+        elif b"t" in fields:
+            results.append(TOMBSTONE)
+        else:
+            results.append(_entry_from_hash(key, fields))
+    return results
+
+
+def _entry_from_hash(key: str, fields: dict[bytes, bytes]) -> StoredEntry:
+    expires = fields.get(b"x") or b""
+    return StoredEntry(
+        key=key,
+        version=int(fields[b"v"]),
+        value_json=fields[b"val"],
+        metadata_json=fields[b"m"],
+        created_at=_text(fields[b"c"]),
+        updated_at=_text(fields[b"u"]),
+        expires_at_ms=int(expires) if expires else None,
+    )
+
+
+class SeedNeededError(Exception):
+    """The key has no version counter in Redis; the caller must give the PostgreSQL floor."""
+
+
+class VersionConflictError(Exception):
+    def __init__(self, current: int) -> None:
+        self.current = current
+        super().__init__(f"current version is {current}")
+
+
+def assign_version(key: str, *, floor: int | None, if_match: int | None, counter_ttl_ms: int) -> int:
+    status, number = scripts().assign_version(
+        keys=[version_key(key)],
+        args=["" if floor is None else floor, "" if if_match is None else if_match, counter_ttl_ms],
+    )
+    if status == -1:
+        raise SeedNeededError(key)
+    if status == -2:
+        raise VersionConflictError(int(number))
+    return int(number)
+
+
+def store(entry: StoredEntry) -> tuple[bool, bool, str]:
+    """Store unless a newer version is there. Returns (stored, is_new, created_at)."""
+    stored, is_new, created = scripts().store_entry(
+        keys=[entry_key(entry.key)],
+        args=[
+            entry.version,
+            entry.value_json,
+            entry.metadata_json,
+            entry.created_at,
+            entry.updated_at,
+            "" if entry.expires_at_ms is None else entry.expires_at_ms,
+        ],
+    )
+    return bool(stored), bool(is_new), _text(created)
+
+
+def store_tombstone(key: str, *, version: int, ttl_ms: int) -> bool:
+    return bool(scripts().store_tombstone(keys=[entry_key(key)], args=[version, ttl_ms]))
+
+
+def evict_stale(versions: dict[str, int]) -> int:
+    """Drop every hash older than the given persisted versions; one round trip."""
+    if not versions:
+        return 0
+    script = scripts().evict_stale
+    pipe = client().pipeline(transaction=False)
+    for key, version in versions.items():
+        script(keys=[entry_key(key)], args=[version], client=pipe)
+    return sum(int(n) for n in pipe.execute())
+
+
+def evict(key: str) -> bool:
+    return bool(client().delete(entry_key(key)))
+
+
+def ping() -> bool:
+    return bool(client().ping())

@@ -1,0 +1,310 @@
+"""The one write path and the one read path of cache entries.
+
+Write (set or delete):
+  1. assign the next version for the key atomically in Redis (seeded from PostgreSQL when Redis
+     has no counter; checks ``If-Match`` in the same step);
+  2. publish the persist message to ``cache.persist.<op>`` with ``Nats-Msg-Id = <key>:<version>``
+     and wait for the PubAck; no PubAck -> :class:`ServiceUnavailableError`, nothing visible;
+  3. store the entry (or a tombstone) in Redis unless a newer version is already there;
+  then the caller answers. The worker writes PostgreSQL later (write-behind).
+
+Read: Redis; on a miss PostgreSQL (one query per key per process however many readers wait),
+and the row is put back in Redis with the TTL it has left.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from django.conf import settings
+from django.db import DatabaseError
+from redis.exceptions import RedisError
+
+from persistence import jetstream, redis_store, selectors
+from persistence.errors import KeyNotFoundError, ServiceUnavailableError, VersionMismatchError
+from persistence.redis_store import TOMBSTONE, StoredEntry, Tombstone
+
+logger = logging.getLogger(__name__)
+
+OP_SET = "set"
+OP_DELETE = "delete"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _retention_ms() -> int:
+    return int(settings.BIRB.tombstone_retention * 1000)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    entry: StoredEntry
+    created: bool
+
+
+def _redis_unavailable(error: Exception) -> ServiceUnavailableError:
+    return ServiceUnavailableError("Redis is unavailable", dependency="redis", details={"reason": str(error)})
+
+
+def _db_unavailable(error: Exception) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "PostgreSQL is unavailable", dependency="database", details={"reason": str(error).strip()}
+    )
+
+
+def _next_version(key: str, *, if_match: int | None) -> int:
+    """Step 1 of a write. Seeds the counter from PostgreSQL the first time Redis lacks it."""
+    counter_ttl = _retention_ms()
+    try:
+        try:
+            return redis_store.assign_version(key, floor=None, if_match=if_match, counter_ttl_ms=counter_ttl)
+        except redis_store.SeedNeededError:
+            try:
+                floor = selectors.cache_entry_version_in_db(key=key)
+            except DatabaseError as error:
+                raise _db_unavailable(error) from error
+            return redis_store.assign_version(key, floor=floor, if_match=if_match, counter_ttl_ms=counter_ttl)
+    except redis_store.VersionConflictError as conflict:
+        raise VersionMismatchError(key, expected=if_match or 0, current=conflict.current) from None
+    except RedisError as error:
+        raise _redis_unavailable(error) from error
+
+
+def _publish(op: str, message: dict[str, Any], *, key: str, version: int) -> None:
+    """Step 2 of a write: durable in JetStream, or ServiceUnavailableError."""
+    n = jetstream.names()
+    try:
+        jetstream.publisher().publish(
+            n.persist_subject(op),
+            orjson.dumps(message),
+            headers={"Nats-Msg-Id": f"{key}:{version}"},
+            timeout=settings.BIRB.publish_timeout,
+        )
+    except jetstream.PublishError as error:
+        logger.error("write of %s v%d not durable: %s", key, version, error, extra={"error": str(error)})
+        raise ServiceUnavailableError(
+            "the write could not be made durable (JetStream did not acknowledge it)",
+            dependency="nats",
+            details={"reason": str(error)},
+        ) from error
+
+
+def cache_entry_set(
+    *,
+    key: str,
+    value_json: bytes,
+    ttl: int | None,
+    metadata_json: bytes = b"{}",
+    if_match: int | None = None,
+) -> WriteResult:
+    """Create or replace an entry; returns once it is durable in JetStream and visible in Redis.
+
+    ``value_json`` and ``metadata_json`` are already-validated JSON text. ``ttl`` None means
+    ``REDIS_DEFAULT_TTL`` (0 = no expiry).
+    """
+    if ttl is None:
+        ttl = settings.BIRB.redis_default_ttl
+    stamp = now_iso()
+    expires_at_ms = int(time.time() * 1000) + ttl * 1000 if ttl > 0 else None
+    version = _next_version(key, if_match=if_match)
+    message = {
+        "op": OP_SET,
+        "key": key,
+        "version": version,
+        "value": orjson.Fragment(value_json),
+        "metadata": orjson.Fragment(metadata_json),
+        "expires_at": expires_at_ms,
+        "created_at": stamp,
+        "updated_at": stamp,
+    }
+    _publish(OP_SET, message, key=key, version=version)
+    entry = StoredEntry(
+        key=key,
+        version=version,
+        value_json=value_json,
+        metadata_json=metadata_json,
+        created_at=stamp,
+        updated_at=stamp,
+        expires_at_ms=expires_at_ms,
+    )
+    try:
+        _stored, created, created_at = redis_store.store(entry)
+    except RedisError as error:
+        # Durable already (PubAck received): answer success; the next read falls through to
+        # PostgreSQL once the worker has written it.
+        logger.warning("write of %s v%d is durable but not cached: %s", key, version, error)
+        return WriteResult(entry=entry, created=True)
+    if created_at != stamp:
+        entry = StoredEntry(**{**entry.__dict__, "created_at": created_at})
+    return WriteResult(entry=entry, created=created)
+
+
+def cache_entry_delete(*, key: str) -> int:
+    """Delete a live entry (versioned: a tombstone blocks older writes). Returns the version."""
+    if cache_entry_get(key=key) is None:
+        raise KeyNotFoundError(key)
+    version = _next_version(key, if_match=None)
+    stamp = now_iso()
+    message = {"op": OP_DELETE, "key": key, "version": version, "created_at": stamp, "updated_at": stamp}
+    _publish(OP_DELETE, message, key=key, version=version)
+    try:
+        redis_store.store_tombstone(key, version=version, ttl_ms=_retention_ms())
+    except RedisError as error:
+        logger.warning("delete of %s v%d is durable but Redis still holds the key: %s", key, version, error)
+        raise _redis_unavailable(error) from error
+    return version
+
+
+class _SingleFlight:
+    """Concurrent callers asking for the same key share one call of the loader."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[str, Future[Any]] = {}
+
+    def do(self, key: str, loader: Callable[[], Any]) -> Any:
+        with self._lock:
+            future = self._calls.get(key)
+            leader = future is None
+            if leader:
+                future = self._calls[key] = Future()
+        assert future is not None
+        if not leader:
+            return future.result()
+        try:
+            result = loader()
+        except BaseException as error:
+            future.set_exception(error)
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            with self._lock:
+                self._calls.pop(key, None)
+
+
+_misses = _SingleFlight()
+
+
+def _load_from_db(key: str) -> StoredEntry | None:
+    try:
+        entry = selectors.cache_entry_get_from_db(key=key)
+    except DatabaseError as error:
+        raise _db_unavailable(error) from error
+    if entry is not None:
+        try:
+            redis_store.store(entry)
+        except RedisError as error:
+            logger.warning("could not put %s back in Redis: %s", key, error)
+    return entry
+
+
+def cache_entry_get(*, key: str) -> StoredEntry | None:
+    """Entry from Redis, else from PostgreSQL (and back into Redis); None when absent."""
+    return _get(key)[0]
+
+
+def _get(key: str) -> tuple[StoredEntry | None, bool]:
+    """(entry, was a Redis hit)."""
+    try:
+        cached = redis_store.read(key)
+    except RedisError as error:
+        logger.warning("Redis read of %s failed, reading PostgreSQL: %s", key, error)
+        cached = None
+    if isinstance(cached, StoredEntry):
+        return cached, True
+    if isinstance(cached, Tombstone):
+        return None, True
+    return _misses.do(key, lambda: _load_from_db(key)), False
+
+
+def cache_entry_get_counted(*, key: str) -> tuple[StoredEntry | None, bool]:
+    """Like :func:`cache_entry_get`, also telling whether Redis answered (for hit metrics)."""
+    return _get(key)
+
+
+def cache_entries_get_many(*, keys: list[str]) -> tuple[dict[str, StoredEntry], list[str], int]:
+    """(found entries, missing keys, Redis hits) for a batch; misses read through one by one."""
+    unique = list(dict.fromkeys(keys))
+    try:
+        cached = redis_store.read_many(unique)
+    except RedisError as error:
+        logger.warning("Redis batch read failed, reading PostgreSQL: %s", error)
+        cached = [None] * len(unique)
+    found: dict[str, StoredEntry] = {}
+    missing: list[str] = []
+    hits = 0
+    for key, item in zip(unique, cached, strict=True):
+        if isinstance(item, StoredEntry):
+            found[key] = item
+            hits += 1
+            continue
+        entry = None if item is TOMBSTONE else _misses.do(key, lambda key=key: _load_from_db(key))
+        if entry is None:
+            missing.append(key)
+        else:
+            found[key] = entry
+    return found, missing, hits
+
+
+# --- write-behind: what the worker applies to PostgreSQL -------------------------------------
+
+_UPSERT_SQL = """
+INSERT INTO {table} AS t (key, value, version, metadata, expires_at, deleted, created_at, updated_at)
+SELECT * FROM unnest(
+    %s::text[], %s::jsonb[], %s::bigint[], %s::jsonb[], %s::timestamptz[], %s::boolean[],
+    %s::timestamptz[], %s::timestamptz[]
+)
+ON CONFLICT (key) DO UPDATE SET
+    value = EXCLUDED.value,
+    version = EXCLUDED.version,
+    metadata = EXCLUDED.metadata,
+    expires_at = EXCLUDED.expires_at,
+    deleted = EXCLUDED.deleted,
+    -- A key written again after a delete starts a new life.
+    created_at = CASE WHEN t.deleted THEN EXCLUDED.created_at ELSE t.created_at END,
+    updated_at = EXCLUDED.updated_at
+WHERE t.version < EXCLUDED.version
+"""
+
+
+def cache_entries_upsert_many(*, writes: list[Any]) -> int:
+    """Apply a batch of sets and deletes in one statement, in one transaction.
+
+    ``writes`` are :class:`persistence.worker.messages.PersistWrite` with at most one per key.
+    The ``WHERE`` guard makes the statement idempotent and order-free: a row is only replaced
+    by a higher version, so redeliveries, replays and several workers are harmless. A delete
+    is stored as a tombstone row (``deleted`` = true) that keeps its version.
+    Returns the number of rows inserted or changed.
+    """
+    from django.db import connection, transaction
+
+    from persistence.models import CacheEntry
+
+    if not writes:
+        return 0
+    sql = _UPSERT_SQL.format(table=connection.ops.quote_name(CacheEntry._meta.db_table))
+    params = [
+        [w.key for w in writes],
+        [w.value_json if w.value_json is not None else "null" for w in writes],
+        [w.version for w in writes],
+        [w.metadata_json for w in writes],
+        [w.expires_at for w in writes],
+        [w.op == OP_DELETE for w in writes],
+        [w.created_at for w in writes],
+        [w.updated_at for w in writes],
+    ]
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount

@@ -1,0 +1,89 @@
+"""Decoding persist messages, and the highest-version-per-key reduction of a batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from persistence.keys import is_valid_key
+
+OPS = ("set", "delete")
+
+
+class PoisonMessageError(Exception):
+    """A message that can never be written, however often it is retried."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True)
+class PersistWrite:
+    """One write as the worker applies it to ``cache_entries``."""
+
+    op: str
+    key: str
+    version: int
+    value_json: str | None
+    metadata_json: str
+    expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+def _timestamp(raw: Any, field: str) -> datetime:
+    if not isinstance(raw, str):
+        raise PoisonMessageError("invalid_field", f"{field} is not a timestamp")
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise PoisonMessageError("invalid_field", f"{field} is not a timestamp: {raw!r}") from None
+
+
+def decode(payload: bytes) -> PersistWrite:
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
+        raise PoisonMessageError("undecodable", f"payload is not JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise PoisonMessageError("undecodable", "payload is not a JSON object")
+    op = body.get("op")
+    if op not in OPS:
+        raise PoisonMessageError("invalid_field", f"op is {op!r}, expected one of {OPS}")
+    key = body.get("key")
+    if not isinstance(key, str) or not is_valid_key(key):
+        raise PoisonMessageError("invalid_field", f"key {key!r} is not a valid key")
+    version = body.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise PoisonMessageError("invalid_field", f"version {version!r} is not a positive integer")
+    expires = body.get("expires_at")
+    if expires is not None and (not isinstance(expires, int) or isinstance(expires, bool)):
+        raise PoisonMessageError("invalid_field", f"expires_at {expires!r} is not epoch milliseconds")
+    metadata = body.get("metadata", {})
+    if op == "set" and "value" not in body:
+        raise PoisonMessageError("invalid_field", "a set has no value")
+    return PersistWrite(
+        op=op,
+        key=key,
+        version=version,
+        value_json=orjson.dumps(body["value"]).decode() if op == "set" else None,
+        metadata_json=orjson.dumps(metadata if isinstance(metadata, dict) else {}).decode(),
+        expires_at=datetime.fromtimestamp(expires / 1000, tz=UTC) if expires is not None else None,
+        created_at=_timestamp(body.get("created_at"), "created_at"),
+        updated_at=_timestamp(body.get("updated_at"), "updated_at"),
+    )
+
+
+def latest_per_key(writes: list[PersistWrite]) -> list[PersistWrite]:
+    """Keep only the highest version of each key (the others would be overwritten anyway)."""
+    latest: dict[str, PersistWrite] = {}
+    for write in writes:
+        current = latest.get(write.key)
+        if current is None or write.version > current.version:
+            latest[write.key] = write
+    return list(latest.values())
