@@ -137,5 +137,6 @@ LOGGING = {
     "loggers": {
         "django.request": {"level": "ERROR"},
         "nats": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
     },
 }

@@ -62,6 +62,10 @@ class StackError(RuntimeError):
     """A server could not start, or the data directory cannot be used."""
 
 
+class PortInUseError(StackError):
+    """A server could not bind its port: another process took it."""
+
+
 @dataclass
 class Stack:
     """Servers running for one data directory. URLs of servers not started are empty."""
@@ -102,13 +106,8 @@ class Stack:
         }
         self.processes[name] = starter[name]()
         self._save_state()
-        logger.info(
-            "%s ready on 127.0.0.1:%d in %.2f s (pid %d)",
-            name,
-            self.ports[name],
-            time.monotonic() - began,
-            self.processes[name].pid,
-        )
+        took, pid = time.monotonic() - began, self.processes[name].pid
+        logger.info("%s ready on 127.0.0.1:%d in %.2f s (pid %d)", name, self.ports[name], took, pid)
 
     def stop_server(self, name: str) -> None:
         """Stop one server by PID and wait for it to exit; its port and data are kept."""
@@ -163,26 +162,21 @@ class Stack:
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, self.data_dir / "stack.json")
 
-    def _launch(
-        self, name: str, argv: list[str], cwd: Path, log_path: Path, as_nobody: bool = False
-    ) -> subprocess.Popen[bytes]:
+    def _run_server(
+        self, name: str, argv: list[str], cwd: Path, log_path: Path,
+        ready: Callable[[subprocess.Popen[bytes]], bool], as_nobody: bool = False,
+    ) -> subprocess.Popen[bytes]:  # fmt: skip
+        """Start one server and wait until ``ready``; on failure stop it and raise with its log."""
+        since = log_path.stat().st_size if log_path.exists() else 0  # only this start's lines count
         # A new session keeps the terminal's Ctrl-C away from the servers, so the supervisor
         # can stop the API and worker before the servers they depend on.
-        logger.debug("starting %s: %s", name, argv)
         with open(log_path, "ab") as log:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                start_new_session=True,
-                **_privileges(as_nobody),
-            )
-
-    def _wait_ready(self, name: str, proc: subprocess.Popen[bytes], ready: Callable[[], bool], log_path: Path) -> None:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                start_new_session=True, **_privileges(as_nobody),
+            )  # fmt: skip
         deadline = time.monotonic() + READY_TIMEOUT
-        while not ready():
+        while not ready(proc):
             if proc.poll() is not None:
                 problem = f"exited with code {proc.returncode}"
             elif time.monotonic() > deadline:
@@ -191,7 +185,10 @@ class Stack:
                 time.sleep(0.05)
                 continue
             _stop_process(name, proc)
-            raise StackError(f"{name} {problem}; last lines of {log_path}:\n{_tail(log_path)}")
+            output = _log_since(log_path, since)
+            error = PortInUseError if "address already in use" in output.lower() else StackError
+            raise error(f"{name} {problem}; {log_path} says:\n{output}")
+        return proc
 
     def _start_postgres(self) -> subprocess.Popen[bytes]:
         bin_dir = _pg_bin_dir()
@@ -209,52 +206,27 @@ class Stack:
         if not (pgdata / "PG_VERSION").is_file():
             if any(pgdata.iterdir()):
                 raise StackError(f"{pgdata} is not empty but holds no PostgreSQL cluster; move it away")
-            argv = [
-                str(bin_dir / "initdb"),
-                "-D",
-                str(pgdata),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ]
+            argv = [str(bin_dir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
+                    "-E", "UTF8", "--locale=C"]  # fmt: skip
             if not self.fsync:
                 argv.append("--no-sync")
             with open(log_path, "ab") as log:
                 done = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=pgdata,
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=pgdata,
                     **_privileges(as_nobody),
-                )
+                )  # fmt: skip
             if done.returncode != 0:
-                raise StackError(f"initdb failed ({done.returncode}); last lines of {log_path}:\n{_tail(log_path)}")
+                raise StackError(f"initdb failed ({done.returncode}); {log_path} says:\n{_log_since(log_path, 0)}")
         _remove_stale_pidfile(pgdata)
         port = self.ports["postgres"]
         # An empty socket dir disables the unix socket: a too long path would be fatal and
         # every client here connects over TCP anyway.
         socket_dir = str(sock_dir) if len(str(sock_dir)) <= MAX_SOCKET_DIR else ""
-        argv = [
-            str(bin_dir / "postgres"),
-            "-D",
-            str(pgdata),
-            "-p",
-            str(port),
-            "-k",
-            socket_dir,
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "max_connections=200",
-        ]
+        argv = [str(bin_dir / "postgres"), "-D", str(pgdata), "-p", str(port), "-k", socket_dir,
+                "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"]  # fmt: skip
         if not self.fsync:  # tests only: trades crash safety for speed
             argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-        proc = self._launch("postgres", argv, pgdata, log_path, as_nobody)
-        self._wait_ready("postgres", proc, lambda: _postgres_ready(port, pgdata), log_path)
+        proc = self._run_server("postgres", argv, pgdata, log_path, lambda _: _postgres_ready(port, pgdata), as_nobody)
         _create_database(port)
         return proc
 
@@ -264,47 +236,22 @@ class Stack:
         redis_dir, log_path = self.data_dir / "redis", self.log_dir / "redis.log"
         redis_dir.mkdir(exist_ok=True)
         # RDB snapshots are off: the append-only file (fsynced every second) is the persistence.
-        argv = [
-            str(REDIS_SERVER_PATH),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.ports["redis"]),
-            "--dir",
-            str(redis_dir),
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--logfile",
-            str(log_path),
-        ]
+        argv = [str(REDIS_SERVER_PATH), "--bind", "127.0.0.1", "--port", str(self.ports["redis"]),
+                "--dir", str(redis_dir), "--save", "", "--daemonize", "no",
+                "--logfile", str(log_path)]  # fmt: skip
         if self.redis_persistence:
             argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             argv += ["--appendonly", "no"]
-        proc = self._launch("redis", argv, redis_dir, log_path)
-        self._wait_ready("redis", proc, lambda: _redis_ready(self.ports["redis"], proc.pid), log_path)
-        return proc
+        port = self.ports["redis"]
+        return self._run_server("redis", argv, redis_dir, log_path, lambda proc: _redis_ready(port, proc.pid))
 
     def _start_nats(self) -> subprocess.Popen[bytes]:
         nats_dir, log_path = self.data_dir / "nats", self.log_dir / "nats.log"
         nats_dir.mkdir(exist_ok=True)
         port, monitor = self.ports["nats"], self.ports["nats_monitor"]
-        argv = [
-            str(_nats_server()),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-m",
-            str(monitor),
-            "-js",
-            "-sd",
-            str(nats_dir),
-            "-l",
-            str(log_path),
-        ]
+        argv = [str(_nats_server()), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
+                "-js", "-sd", str(nats_dir), "-l", str(log_path)]  # fmt: skip
         if self.fsync:
             # JetStream fsyncs every 2 minutes by default and may PubAck a message before it is
             # on disk, so a crash could lose acknowledged writes; "always" fsyncs before the ack.
@@ -312,9 +259,7 @@ class Stack:
             # (store_dir stays on the command line: nats-server rejects it in both places.)
             conf.write_text("jetstream {\n  sync_interval: always\n}\n")
             argv += ["-c", str(conf)]
-        proc = self._launch("nats", argv, nats_dir, log_path)
-        self._wait_ready("nats", proc, lambda: _nats_ready(port, monitor), log_path)
-        return proc
+        return self._run_server("nats", argv, nats_dir, log_path, lambda _: _nats_ready(port, monitor))
 
 
 def start_stack(
@@ -341,7 +286,20 @@ def start_stack(
             taken.add(stack.ports[key])
         stack._set_urls()
         for name in names:
-            stack.start_server(name)
+            for attempt in range(1, 4):
+                try:
+                    stack.start_server(name)
+                    break
+                except PortInUseError:
+                    if attempt == 3:
+                        raise
+                    # Another process took the port between our check and the server's bind
+                    # (parallel test runs do); new ports are fine on a first start.
+                    logger.warning("%s: port taken meanwhile, retrying on a new port", name)
+                    for key in [name, "nats_monitor"] if name == "nats" else [name]:
+                        stack.ports[key] = _choose_port([], taken)
+                        taken.add(stack.ports[key])
+                    stack._set_urls()
     except BaseException:
         stack.stop()
         raise
@@ -427,7 +385,7 @@ def _postgres_ready(port: int, pgdata: Path) -> bool:
 
     try:
         with psycopg.connect(
-            host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2
+            host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=1
         ) as conn:
             row = conn.execute("SHOW data_directory").fetchone()
     except psycopg.Error:
@@ -447,9 +405,14 @@ def _create_database(port: int) -> None:
 
 def _redis_ready(port: int, pid: int) -> bool:
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
+    # No retries: redis-py's default retries with backoff would stall this poll for seconds.
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
     try:
-        info = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).info()
+        with client:
+            info = client.info()
     except redis.RedisError:
         return False
     # INFO answers while the append-only file is still loading (PING would not); wait for it.
@@ -459,18 +422,21 @@ def _redis_ready(port: int, pid: int) -> bool:
 def _nats_ready(port: int, monitor: int) -> bool:
     base = f"http://127.0.0.1:{monitor}"
     try:
-        with _HTTP.open(f"{base}/healthz?js-enabled-only=true", timeout=2) as response:
+        with _HTTP.open(f"{base}/healthz?js-enabled-only=true", timeout=1) as response:
             if response.status != 200:
                 return False
-        with _HTTP.open(f"{base}/varz", timeout=2) as response:
+        with _HTTP.open(f"{base}/varz", timeout=1) as response:
             return json.load(response).get("port") == port  # our server, not a neighbour's
     except (OSError, ValueError):
         return False
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def _log_since(path: Path, offset: int, lines: int = 20) -> str:
+    """The last ``lines`` lines written to ``path`` after byte ``offset``."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with open(path, "rb") as log:
+            log.seek(offset)
+            return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:]) or "(nothing)"
     except OSError:
         return "(no log)"
 
@@ -608,12 +574,8 @@ def _supervise(children: list[_Child], cwd: Path, env: dict[str, str]) -> int:
                     return 1
                 if now - child.started > 60:
                     child.backoff = 1.0  # it ran fine for a while: this is a fresh problem
-                logger.error(
-                    "%s exited unexpectedly (code %s); restarting in %.0f s",
-                    child.name,
-                    child.proc.returncode,
-                    child.backoff,
-                )
+                code = child.proc.returncode
+                logger.error("%s exited unexpectedly (code %s); restarting in %.0f s", child.name, code, child.backoff)
                 child.proc, child.restart_at = None, now + child.backoff
                 child.backoff = min(child.backoff * 2, 30.0)
             elif child.proc is None and child.restart_at is not None and now >= child.restart_at:
@@ -726,9 +688,9 @@ def _print_summary(config: Any, urls: dict[str, str], stack: Stack | None, data_
     if with_apps:
         rows += [
             ("API", api),
-            ("  health", api + "health"),
-            ("  metrics", api + "metrics"),
-            ("  admin", api + "admin/"),
+            ("  health", f"{api}health"),
+            ("  metrics", f"{api}metrics"),
+            ("  admin", f"{api}admin/"),
         ]
     rows += [("PostgreSQL", urls["DATABASE_URL"]), ("Redis", urls["REDIS_URL"]), ("NATS", urls["NATS_URL"])]
     if stack is not None and stack.nats_monitor_url:
@@ -739,7 +701,7 @@ def _print_summary(config: Any, urls: dict[str, str], stack: Stack | None, data_
     for label, value in rows:
         print(f"  {label.ljust(width)}  {value}")
     print("\n  Admin login: .venv/bin/python manage.py createsuperuser")
-    print("  Other terminals find these URLs in %s" % (data_dir / "stack.env"))
+    print(f"  Other terminals (manage.py) find these URLs in {data_dir / 'stack.env'}")
     print("  Ctrl-C stops everything.")
     print("=" * 72 + "\n", flush=True)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import orjson
 from django.db.models import Q
@@ -13,7 +13,7 @@ from persistence.redis_store import StoredEntry
 
 
 def isoformat(moment: datetime) -> str:
-    return moment.astimezone(timezone.UTC).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def live_entries() -> "QuerySet[CacheEntry]":  # noqa: F821 - string annotation for the queryset type
