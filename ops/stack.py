@@ -47,7 +47,7 @@ DATABASE_NAME = "birbnest"
 NOBODY = 65534
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
-NATS_MONITOR_PORT = 8222  # the runbook curls localhost:8222/healthz, so take it when free
+NATS_MONITOR_PORT = 8222  # the runbook curls localhost:8222/healthz: `make run` takes it when free
 # SIGINT is PostgreSQL's "fast" shutdown (roll back sessions, checkpoint, exit); SIGTERM would
 # wait for every client to disconnect. Redis and NATS flush their files on SIGTERM.
 STOP_SIGNALS = {"postgres": signal.SIGINT, "redis": signal.SIGTERM, "nats": signal.SIGTERM}
@@ -263,9 +263,14 @@ class Stack:
 
 
 def start_stack(
-    data_dir: Path, *, redis_persistence: bool = True, fsync: bool = True, only: Iterable[str] | None = None
-) -> Stack:
+    data_dir: Path, *, redis_persistence: bool = True, fsync: bool = True, only: Iterable[str] | None = None,
+    monitor_port: int | None = None,
+) -> Stack:  # fmt: skip
     """Start PostgreSQL, Redis and NATS (or the subset ``only``) with their data in ``data_dir``.
+
+    Each server gets the port it had last time in this data dir if free, else a free one;
+    ``monitor_port`` (the CLI passes 8222) comes first for NATS monitoring. Tests leave it
+    unset, so parallel runs do not fight over 8222 or take it from a developer's `make run`.
 
     ``fsync=False`` is for fast tests only. On failure, servers already started are stopped.
     """
@@ -281,7 +286,7 @@ def start_stack(
         stop_orphans(data_dir)
         remembered, taken = _load_state(data_dir).get("ports", {}), set()
         for key in names + (["nats_monitor"] if "nats" in names else []):
-            preferred = [NATS_MONITOR_PORT] if key == "nats_monitor" else []
+            preferred = [monitor_port] if key == "nats_monitor" else []
             stack.ports[key] = _choose_port([*preferred, remembered.get(key)], taken)
             taken.add(stack.ports[key])
         stack._set_urls()
@@ -296,7 +301,8 @@ def start_stack(
                     # Another process took the port between our check and the server's bind
                     # (parallel test runs do); new ports are fine on a first start.
                     logger.warning("%s: port taken meanwhile, retrying on a new port", name)
-                    for key in [name, "nats_monitor"] if name == "nats" else [name]:
+                    keys = [name, "nats_monitor"] if name == "nats" else [name]
+                    for key in [k for k in keys if not _port_free(stack.ports[k])] or keys:
                         stack.ports[key] = _choose_port([], taken)
                         taken.add(stack.ports[key])
                     stack._set_urls()
@@ -475,13 +481,20 @@ def stop_orphans(data_dir: Path) -> None:
     data_dir = Path(data_dir).resolve()
     for name, pid in _load_state(data_dir).get("pids", {}).items():
         if name in PROCESS_NAMES and isinstance(pid, int) and _is_our_server(pid, name, data_dir):
-            logger.warning("stopping %s (pid %d) left behind by an earlier run in %s", name, pid, data_dir)
-            proc = psutil.Process(pid)
-            proc.send_signal(STOP_SIGNALS[name])
-            if not _wait_exited(proc, STOP_TIMEOUT):
-                logger.warning("%s (pid %d) did not stop in %.0f s; killing it", name, pid, STOP_TIMEOUT)
-                proc.kill()
-                _wait_exited(proc, 5)
+            _stop_orphan(name, pid, data_dir)
+
+
+def _stop_orphan(name: str, pid: int, data_dir: Path) -> None:
+    logger.warning("stopping %s (pid %d) left behind by an earlier run in %s", name, pid, data_dir)
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(STOP_SIGNALS[name])
+        if not _wait_exited(proc, STOP_TIMEOUT):
+            logger.warning("%s (pid %d) did not stop in %.0f s; killing it", name, pid, STOP_TIMEOUT)
+            proc.kill()
+            _wait_exited(proc, 5)
+    except psutil.NoSuchProcess:
+        pass  # it exited on its own meanwhile
 
 
 def _wait_exited(proc: psutil.Process, timeout: float) -> bool:
@@ -505,10 +518,13 @@ def _remove_stale_pidfile(pgdata: Path) -> None:
     except (OSError, ValueError):
         return
     if _is_our_server(pid, "postgres", pgdata.parent):
-        return  # a live postmaster: PostgreSQL itself will refuse to start twice
-    # Dead, or the PID now belongs to another program (e.g. after a reboot): the file is stale.
-    logger.info("removing stale %s (pid %d is not running)", pidfile, pid)
-    pidfile.unlink(missing_ok=True)
+        # We hold the data dir's lock, so a live postmaster here is an orphan that stack.json
+        # missed (its owner died before recording it). Its fast shutdown removes the file.
+        _stop_orphan("postgres", pid, pgdata.parent)
+    if pidfile.exists() and not _is_our_server(pid, "postgres", pgdata.parent):
+        # Dead, or the PID now belongs to another program (e.g. after a reboot): stale.
+        logger.info("removing stale %s (pid %d is not running)", pidfile, pid)
+        pidfile.unlink(missing_ok=True)
 
 
 # -- command line: `python -m ops.stack run | servers` ------------------------------------------
@@ -618,7 +634,10 @@ def _serve(with_apps: bool) -> int:
         load_env_files,
     )
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM behaves like Ctrl-C
+    # Both stop everything. SIGINT is set explicitly: a shell starting us in the background
+    # (`make run &` in a script) leaves it ignored, and then Ctrl-C/kill -INT would do nothing.
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     stack: Stack | None = None
     children: list[_Child] = []
     try:
@@ -647,7 +666,7 @@ def _serve(with_apps: bool) -> int:
         for name in sorted(set(SERVERS) - needed):
             logger.info("using the external %s server (%s is set)", name, URL_VARS[name])
         if needed:
-            stack = start_stack(data_dir, only=needed)
+            stack = start_stack(data_dir, only=needed, monitor_port=NATS_MONITOR_PORT)
             os.environ.update(stack.urls())
         env_values = {var: os.environ[var] for var in URL_VARS.values()}
         _write_env_file(data_dir / STACK_ENV_FILE, {**env_values, "SECRET_KEY": os.environ.get("SECRET_KEY", "")})

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ T = TypeVar("T")
 DLQ_MAX_AGE = 7 * 24 * 3600.0
 DUPLICATE_WINDOW = 120.0
 ACK_WAIT = 30.0
+RECONNECT_INTERVAL = 1.0
 
 
 class PublishError(Exception):
@@ -111,10 +113,30 @@ def consumer_config(n: Names) -> api.ConsumerConfig:
     )
 
 
-async def _connect(url: str, *, name: str) -> Any:
+async def _log_error(error: Exception) -> None:
+    logger.warning("NATS: %s: %s", type(error).__name__, error, extra={"error": str(error)})
+
+
+async def _log_disconnected() -> None:
+    logger.info("NATS: disconnected")
+
+
+async def _log_reconnected() -> None:
+    logger.info("NATS: reconnected")
+
+
+async def _connect(url: str, *, name: str, timeout: float = 3.0) -> Any:
+    """Connect, or raise within ``timeout`` (nats-py retries an unreachable server forever)."""
+    return await asyncio.wait_for(_client_connect(url, name=name), timeout=timeout)
+
+
+async def _client_connect(url: str, *, name: str) -> Any:
     return await nats.connect(
         url,
         name=name,
+        error_cb=_log_error,
+        disconnected_cb=_log_disconnected,
+        reconnected_cb=_log_reconnected,
         connect_timeout=2,
         allow_reconnect=True,
         max_reconnect_attempts=-1,
@@ -170,10 +192,18 @@ class JetStream:
 
     @staticmethod
     async def fetch(subscription: Any, *, batch: int, timeout: float) -> list[Any]:
-        """Up to ``batch`` messages; an empty list when none came within ``timeout`` (idle)."""
+        """Up to ``batch`` messages; an empty list when none came within ``timeout`` (idle).
+
+        Connection trouble (NATS restarting, reconnecting) also yields an empty list after the
+        timeout: the caller's loop simply asks again, and nats-py reconnects underneath.
+        """
         try:
             return list(await subscription.fetch(batch, timeout=timeout))
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:  # nats.errors.TimeoutError is a subclass
+            return []
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as error:
+            logger.warning("fetch failed (%s: %s); retrying", type(error).__name__, error)
+            await asyncio.sleep(timeout)
             return []
 
     async def consumer_state(self) -> dict[str, int]:
@@ -197,10 +227,17 @@ class JetStream:
             await self.js.purge_stream(self.names.stream, seq=floor + 1)
 
     async def close(self) -> None:
-        if self.nc.is_connected or self.nc.is_reconnecting:
-            await self.nc.drain()
-        else:
-            await self.nc.close()
+        """Flush what is buffered (acknowledgements) and close.
+
+        Not ``nc.drain()``: with a pull subscription it waits for messages that never come and
+        only returns after its 30 s timeout.
+        """
+        if self.nc.is_connected:
+            try:
+                await self.nc.flush(timeout=2)
+            except Exception as error:
+                logger.warning("NATS flush on close failed: %s", error)
+        await self.nc.close()
 
 
 class SyncJetStream:
@@ -213,7 +250,7 @@ class SyncJetStream:
         self._thread.start()
         self._lock = threading.Lock()
         self._client: JetStream | None = None
-        self._streams_ready = False
+        self._last_failure = 0.0
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -228,18 +265,29 @@ class SyncJetStream:
             return self._client
         with self._lock:
             if self._client is None:
-                client = self.run(JetStream.connect(name=f"birb-nest-api-{os.getpid()}"), timeout=5)
-                if not self._streams_ready:
-                    self.run(client.ensure_streams(), timeout=10)
-                    self._streams_ready = True
+                # While NATS is unreachable, callers fail at once instead of each waiting out
+                # a connect timeout; one attempt per RECONNECT_INTERVAL goes through.
+                if time.monotonic() - self._last_failure < RECONNECT_INTERVAL:
+                    raise PublishError("NATS is unreachable (last attempt failed less than a second ago)")
+                try:
+                    client = self.run(JetStream.connect(name=f"birb-nest-api-{os.getpid()}"), timeout=4)
+                    self.run(client.ensure_streams(), timeout=5)
+                except Exception:
+                    self._last_failure = time.monotonic()
+                    raise
                 self._client = client
         return self._client
 
     def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float) -> int:
         try:
             client = self.client()
+        except PublishError:
+            raise
         except Exception as error:
             raise PublishError(f"cannot connect to NATS: {type(error).__name__}: {error}") from error
+        if not client.nc.is_connected:
+            # nats-py would buffer the message until it reconnects; a write must not wait on that.
+            raise PublishError("not connected to NATS (reconnecting)")
         try:
             return self.run(client.publish(subject, payload, headers=headers, timeout=timeout), timeout + 1)
         except TimeoutError as error:

@@ -233,6 +233,10 @@ class Worker:
         self.proc.kill()
         self.proc.wait(10)
 
+    def wait_ready(self, timeout: float = 20) -> Worker:
+        wait_for(lambda: "worker consuming" in self.log(), timeout=timeout, message="worker consuming")
+        return self
+
     def stop(self, timeout: float = 20) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
@@ -321,9 +325,12 @@ def api_factory(tmp_path: Path, transactional_db: Any) -> Iterator[Any]:
         api.stop()
 
 
-@pytest.fixture
-def api(api_factory: Any) -> Api:
-    return api_factory().start()
+@pytest.fixture(scope="session")
+def api(tmp_path_factory: pytest.TempPathFactory, django_db_setup: Any) -> Iterator[Api]:
+    """One API for the session (tests that kill an API start their own with api_factory)."""
+    api = Api(tmp_path_factory.mktemp("api") / "api.log").start()
+    yield api
+    api.stop()
 
 
 def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05, message: str = "condition") -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -60,7 +61,12 @@ class Worker:
         while not self.stop.is_set():
             msgs = await self.js.fetch(subscription, batch=self.config.batch_size, timeout=self.config.batch_timeout)
             if msgs:
-                await self.handle_batch(msgs)
+                try:
+                    await self.handle_batch(msgs)
+                except Exception:
+                    # Unacknowledged messages come back after the ack wait; keep consuming.
+                    logger.exception("batch of %d messages failed; they will be redelivered", len(msgs))
+                    await asyncio.sleep(1)
             if time.monotonic() - last_purge > self.config.purge_interval:
                 last_purge = time.monotonic()
                 try:
@@ -89,11 +95,19 @@ class Worker:
                         await self.dead_letter(msg, reason, detail)
             rejected_ids = {(w.key, w.version) for w, _, _ in rejected}
             good = [m for m, w in zip(good, writes, strict=True) if (w.key, w.version) not in rejected_ids]
-        for msg in good:
-            await msg.ack()
+        await self.acknowledge(good)
         self.persisted += len(batch)
         logger.debug("persisted %d writes from %d messages", len(batch), len(msgs))
         await self.evict_stale(batch)
+
+    async def acknowledge(self, msgs: list[Any]) -> None:
+        """Ack after commit. A lost ack only means a redelivery, which the version guard absorbs."""
+        for msg in msgs:
+            try:
+                await msg.ack()
+            except Exception as error:
+                logger.warning("ack of message %s failed (%s); it will be redelivered", msg.metadata.sequence.stream, error)
+                return
 
     async def write(self, batch: list[PersistWrite], msgs: list[Any]) -> list[tuple[PersistWrite, str, str]] | None:
         """Write the batch; returns the writes PostgreSQL rejected for good, or None if stopping."""
@@ -209,8 +223,12 @@ async def _connect_until_ready(stop: asyncio.Event) -> jetstream.JetStream | Non
     return None
 
 
-async def run_async(config: WorkerConfig, stop: asyncio.Event | None = None) -> int:
+async def run_async(
+    config: WorkerConfig, stop: asyncio.Event | None = None, stop_requested: threading.Event | None = None
+) -> int:
     stop = stop or asyncio.Event()
+    if stop_requested is not None and stop_requested.is_set():
+        stop.set()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -239,4 +257,8 @@ async def run_async(config: WorkerConfig, stop: asyncio.Event | None = None) -> 
 
 def run(config: WorkerConfig) -> int:
     """Run until SIGTERM/SIGINT; the exit code of `manage.py runworker`."""
-    return asyncio.run(run_async(config))
+    # A signal that arrives before the event loop is up must still mean "stop cleanly".
+    stop_requested = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop_requested.set())
+    return asyncio.run(run_async(config, stop_requested=stop_requested))

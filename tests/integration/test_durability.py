@@ -123,7 +123,7 @@ def test_a_503_during_the_outage_has_the_contract_body(servers, api) -> None:
 def test_health_names_a_stopped_redis_and_recovers(servers, api) -> None:
     if not servers.owns("redis"):
         pytest.skip("Redis is a shared server (BIRB_TEST_REDIS_URL): this test must stop it")
-    assert httpx.get(f"{api.url}/health").status_code == 200
+    wait_for(lambda: httpx.get(f"{api.url}/health").status_code == 200, timeout=20, message="healthy API")
     servers.stop("redis")
     try:
         health = httpx.get(f"{api.url}/health", timeout=30)
@@ -136,7 +136,7 @@ def test_health_names_a_stopped_redis_and_recovers(servers, api) -> None:
 
 
 def test_worker_sigterm_finishes_acknowledges_and_exits_0(api, worker_factory) -> None:
-    worker = worker_factory().start()
+    worker = worker_factory().start().wait_ready()
     with Writer(api.url, threads=4) as writer:
         wait_for(lambda: writer.count > 500, timeout=30)
         worker.proc.send_signal(signal.SIGTERM)
@@ -146,3 +146,13 @@ def test_worker_sigterm_finishes_acknowledges_and_exits_0(api, worker_factory) -
     assert "worker stopped" in worker.log()
     worker_factory().start()
     wait_until_persisted(writer)
+
+
+def test_an_idle_worker_stops_at_once_on_sigterm_and_sigint(worker_factory) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        worker = worker_factory().start().wait_ready()
+        time.sleep(1.5)  # idle: a fetch is waiting on the server
+        started = time.monotonic()
+        worker.proc.send_signal(sig)
+        assert worker.proc.wait(10) == 0, worker.log()
+        assert time.monotonic() - started < 5, "no drain timeout"

