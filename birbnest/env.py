@@ -120,8 +120,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("API_PORT", "8080", _int(1, 65535), "HTTP port of the API (loopback unless API_HOST says otherwise)."),
     Setting("API_HOST", "127.0.0.1", _str, "Address the API binds to."),
     Setting("API_WORKERS", "2", _int(1, 64), "API server processes."),
-    Setting("API_THREADS", "16", _int(1, 512), "Request threads per API process."),
-    Setting("DATABASE_URL", "", _url("postgres", "postgresql"), "PostgreSQL URL; unset = the server `make run` started."),
+    Setting("API_THREADS", "2", _int(1, 512), "Request threads per API process."),
+    Setting(
+        "DATABASE_URL", "", _url("postgres", "postgresql"), "PostgreSQL URL; unset = the server `make run` started."
+    ),
     Setting("REDIS_URL", "", _url("redis", "rediss", "unix"), "Redis URL; unset = the server `make run` started."),
     Setting("NATS_URL", "", _url("nats", "tls"), "NATS URL; unset = the server `make run` started."),
     Setting("REDIS_DEFAULT_TTL", "0", _int(0), "TTL in seconds for writes that give none (0 = no expiry)."),
@@ -132,7 +134,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WORKER_BATCH_TIMEOUT", "1s", parse_duration, "How long the worker waits to fill a batch."),
     Setting("WORKER_CONSUMER_GROUP", "birb-worker", parse_nats_name, "Durable consumer name shared by all workers."),
     Setting("WORKER_MAX_DELIVER", "5", _int(1), "Deliveries of one message before it is dead-lettered."),
-    Setting("TOMBSTONE_RETENTION", "7d", parse_duration, "How long deleted keys keep their version (blocks late older writes)."),
+    Setting(
+        "TOMBSTONE_RETENTION",
+        "7d",
+        parse_duration,
+        "How long deleted keys keep their version (blocks late older writes).",
+    ),
     Setting("LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"), "Log level."),
     Setting("LOG_FORMAT", "json", _choice("json", "text"), "Log format."),
     Setting("OTEL_TRACES_ENABLED", "false", parse_bool, "Export OpenTelemetry traces (not implemented yet)."),
@@ -201,7 +208,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         values[setting.name.lower()] = setting.parse(setting.name, raw)
     config = Config(**values)
     if not config.debug and not config.secret_key:
-        raise ConfigError("SECRET_KEY", "", "is required when DEBUG is off (set SECRET_KEY, or DEBUG=true for development)")
+        raise ConfigError(
+            "SECRET_KEY", "", "is required when DEBUG is off (set SECRET_KEY, or DEBUG=true for development)"
+        )
     return config
 
 

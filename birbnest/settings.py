@@ -76,6 +76,9 @@ DATABASES = {
         **dj_database_url.parse(BIRB.database_url or _UNSET_DATABASE_URL),
         # psycopg's pool: request threads borrow a connection instead of each keeping one.
         "CONN_MAX_AGE": 0,
+        # With the pool, this makes psycopg check a connection before handing it out, so one
+        # broken by a server restart is replaced instead of failing a request.
+        "CONN_HEALTH_CHECKS": True,
         "OPTIONS": {
             "pool": {"min_size": 1, "max_size": 20, "timeout": 2.0},
             "connect_timeout": 3,

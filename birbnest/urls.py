@@ -2,11 +2,9 @@
 
 from django.contrib import admin
 from django.urls import include, path, re_path
-
 from django.views.decorators.csrf import csrf_exempt
 
 from cache_api.errors import json_404
-
 from ops import views as ops_views
 
 urlpatterns = [

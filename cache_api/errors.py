@@ -33,7 +33,9 @@ def invalid(message: str, details: Any = None) -> ApiError:
     return ApiError(400, "INVALID_REQUEST", message, details)
 
 
-def error_response(status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None) -> HttpResponse:
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> HttpResponse:
     body = orjson.dumps({"error": message, "code": code, "details": details})
     response = HttpResponse(body, status=status, content_type="application/json")
     for name, value in (headers or {}).items():
@@ -87,8 +89,6 @@ def json_500(request: HttpRequest) -> HttpResponse:
 
 
 def method_not_allowed(request: HttpRequest, allowed: list[str]) -> HttpResponse:
-    response = error_response(
-        405, "INVALID_REQUEST", f"method {request.method} not allowed", {"allowed": allowed}
-    )
+    response = error_response(405, "INVALID_REQUEST", f"method {request.method} not allowed", {"allowed": allowed})
     response["Allow"] = ", ".join(allowed)
     return response

@@ -39,12 +39,12 @@ def _json_body(raw: bytes) -> Any:
 def parse_write(raw: bytes, *, max_value_size: int) -> WriteInput:
     body = _json_body(raw)
     if not isinstance(body, dict):
-        raise invalid("request body must be a JSON object with a \"value\"")
+        raise invalid('request body must be a JSON object with a "value"')
     unknown = sorted(set(body) - set(WRITE_FIELDS) - {"key"})
     if unknown:
         raise invalid(f"unknown field(s): {', '.join(unknown)}", {"allowed": list(WRITE_FIELDS)})
     if "value" not in body:
-        raise invalid("missing field \"value\"", {"field": "value"})
+        raise invalid('missing field "value"', {"field": "value"})
     value_json = orjson.dumps(body["value"])
     if len(value_json) > max_value_size:
         raise ApiError(
@@ -55,7 +55,9 @@ def parse_write(raw: bytes, *, max_value_size: int) -> WriteInput:
         )
     ttl = body.get("ttl")
     if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0):
-        raise invalid(f"ttl must be a non-negative integer number of seconds, got {orjson.dumps(ttl).decode()}", {"field": "ttl"})
+        raise invalid(
+            f"ttl must be a non-negative integer number of seconds, got {orjson.dumps(ttl).decode()}", {"field": "ttl"}
+        )
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise invalid("metadata must be a JSON object", {"field": "metadata"})
@@ -81,7 +83,7 @@ def parse_if_match(header: str | None) -> int | None:
 def parse_batch_keys(raw: bytes, *, max_keys: int) -> list[str]:
     body = _json_body(raw)
     if not isinstance(body, dict) or not isinstance(body.get("keys"), list):
-        raise invalid("request body must be {\"keys\": [\"key\", ...]}")
+        raise invalid('request body must be {"keys": ["key", ...]}')
     keys = body["keys"]
     if not keys:
         raise invalid("keys must not be empty")

@@ -17,7 +17,10 @@ def _timed(check: Any) -> dict[str, Any]:
         ok, detail = check()
     except Exception as error:
         ok, detail = False, f"{type(error).__name__}: {error}".strip()
-    result: dict[str, Any] = {"status": "healthy" if ok else "unhealthy", "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
+    result: dict[str, Any] = {
+        "status": "healthy" if ok else "unhealthy",
+        "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+    }
     if detail:
         result["error"] = detail
     return result

@@ -29,7 +29,7 @@ ENDPOINTS = [
 ]
 
 
-def require_GET(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
+def get_only(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
     """GET (and HEAD) only; anything else gets the contract's 405 body."""
 
     @functools.wraps(view)
@@ -45,12 +45,12 @@ def json_response(body: object, status: int = 200) -> HttpResponse:
     return HttpResponse(orjson.dumps(body), status=status, content_type="application/json")
 
 
-@require_GET
+@get_only
 def root(request: HttpRequest) -> HttpResponse:
     return json_response({"service": settings.SERVICE_NAME, "version": settings.VERSION, "endpoints": ENDPOINTS})
 
 
-@require_GET
+@get_only
 def health_view(request: HttpRequest) -> HttpResponse:
     checks = health.run_checks()
     healthy = all(check["status"] == "healthy" for check in checks.values())
@@ -69,7 +69,7 @@ def _wants_prometheus(request: HttpRequest) -> bool:
     return "text/plain" in accept or "openmetrics" in accept
 
 
-@require_GET
+@get_only
 def metrics_view(request: HttpRequest) -> HttpResponse:
     """JSON for humans and jq; Prometheus text when the scraper asks for it."""
     if _wants_prometheus(request):
@@ -77,6 +77,6 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     return json_response(metrics.summary())
 
 
-@require_GET
+@get_only
 def prometheus_view(request: HttpRequest) -> HttpResponse:
     return HttpResponse(metrics.prometheus_text(), content_type="text/plain; version=0.0.4; charset=utf-8")

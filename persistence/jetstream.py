@@ -183,7 +183,7 @@ class JetStream:
     async def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float) -> int:
         try:
             ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
-        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as error:
             raise PublishError(f"{type(error).__name__}: {error}".rstrip(": ")) from error
         return int(ack.seq)
 
@@ -199,7 +199,7 @@ class JetStream:
         """
         try:
             return list(await subscription.fetch(batch, timeout=timeout))
-        except asyncio.TimeoutError:  # nats.errors.TimeoutError is a subclass
+        except TimeoutError:  # nats.errors.TimeoutError is a subclass
             return []
         except (nats.errors.Error, nats.js.errors.Error, OSError) as error:
             logger.warning("fetch failed (%s: %s); retrying", type(error).__name__, error)

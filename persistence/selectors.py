@@ -16,7 +16,7 @@ def isoformat(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def live_entries() -> "QuerySet[CacheEntry]":  # noqa: F821 - string annotation for the queryset type
+def live_entries() -> QuerySet[CacheEntry]:  # noqa: F821 - string annotation for the queryset type
     """Rows a client may see: not deleted, not expired."""
     now = timezone.now()
     return CacheEntry.objects.filter(deleted=False).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pybreaker
 from django.conf import settings
 from django.db import DatabaseError
 from redis.exceptions import RedisError
@@ -62,17 +63,65 @@ def _db_unavailable(error: Exception) -> ServiceUnavailableError:
     )
 
 
+class _BreakerLog(pybreaker.CircuitBreakerListener):
+    def state_change(self, breaker: pybreaker.CircuitBreaker, old: Any, new: Any) -> None:
+        if new.name == pybreaker.STATE_OPEN:
+            logger.error(
+                "PostgreSQL circuit breaker is open: reads that miss Redis answer 503 for %ds",
+                breaker.reset_timeout,
+                extra={"error": "circuit breaker is open"},
+            )
+        elif new.name == pybreaker.STATE_CLOSED:
+            logger.info("PostgreSQL circuit breaker is closed again")
+
+
+# After a few consecutive connection failures the API stops asking PostgreSQL for a while and
+# answers at once, instead of every request waiting out the pool timeout.
+_db_breaker = pybreaker.CircuitBreaker(
+    fail_max=3,
+    reset_timeout=5,
+    exclude=[lambda error: not isinstance(error, DatabaseError)],
+    listeners=[_BreakerLog()],
+    name="postgresql",
+)
+
+
+def _db_call(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """A read of PostgreSQL from the request path: ServiceUnavailableError when it is down."""
+    try:
+        return _db_breaker.call(fn, **kwargs)
+    except pybreaker.CircuitBreakerError as error:
+        raise ServiceUnavailableError(
+            "PostgreSQL is unavailable: circuit breaker is open",
+            dependency="database",
+            details={"reason": "circuit breaker is open", "retry_after_seconds": _db_breaker.reset_timeout},
+        ) from error
+    except DatabaseError as error:
+        raise _db_unavailable(error) from error
+
+
+def _version_floor(key: str) -> int:
+    """The version a new counter starts from: what PostgreSQL knows for the key.
+
+    When PostgreSQL cannot answer, the current time in milliseconds is used: it is above any
+    version a key can have reached by counting (one per write), so versions still only grow.
+    """
+    try:
+        return int(_db_call(selectors.cache_entry_version_in_db, key=key))
+    except ServiceUnavailableError as error:
+        floor = int(time.time() * 1000)
+        logger.warning("version of %s seeded from the clock (%d): %s", key, floor, error.message)
+        return floor
+
+
 def _next_version(key: str, *, if_match: int | None) -> int:
-    """Step 1 of a write. Seeds the counter from PostgreSQL the first time Redis lacks it."""
+    """Step 1 of a write. Seeds the counter the first time Redis lacks it (see _version_floor)."""
     counter_ttl = _retention_ms()
     try:
         try:
             return redis_store.assign_version(key, floor=None, if_match=if_match, counter_ttl_ms=counter_ttl)
         except redis_store.SeedNeededError:
-            try:
-                floor = selectors.cache_entry_version_in_db(key=key)
-            except DatabaseError as error:
-                raise _db_unavailable(error) from error
+            floor = _version_floor(key)
             return redis_store.assign_version(key, floor=floor, if_match=if_match, counter_ttl_ms=counter_ttl)
     except redis_store.VersionConflictError as conflict:
         raise VersionMismatchError(key, expected=if_match or 0, current=conflict.current) from None
@@ -198,10 +247,7 @@ _misses = _SingleFlight()
 
 
 def _load_from_db(key: str) -> StoredEntry | None:
-    try:
-        entry = selectors.cache_entry_get_from_db(key=key)
-    except DatabaseError as error:
-        raise _db_unavailable(error) from error
+    entry = _db_call(selectors.cache_entry_get_from_db, key=key)
     if entry is not None:
         try:
             redis_store.store(entry)

@@ -55,6 +55,11 @@ class Servers:
     def start(self, name: str) -> None:
         assert self.stack is not None
         self.stack.start_server(name)
+        if name == "postgres":
+            # The test's own connection died with the server; the next query opens a new one.
+            from django.db import connections
+
+            connections.close_all()
 
 
 @pytest.fixture(scope="session")
@@ -204,9 +209,7 @@ def service_env(**extra: str) -> dict[str, str]:
 
 
 def manage(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "manage.py", *args], cwd=BASE_DIR, env=env or service_env(), **kwargs
-    )
+    return subprocess.Popen([sys.executable, "manage.py", *args], cwd=BASE_DIR, env=env or service_env(), **kwargs)
 
 
 def free_port() -> int:

@@ -10,4 +10,4 @@ import tempfile
 os.environ.setdefault("BIRB_DATA_DIR", tempfile.mkdtemp(prefix="birb-test-data-"))
 os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
 
-from birbnest.settings import *  # noqa: E402,F403
+from birbnest.settings import *  # noqa: F403

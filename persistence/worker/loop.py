@@ -13,6 +13,7 @@ SIGTERM / SIGINT: finish the batch in hand, acknowledge it, drain the connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -106,7 +107,9 @@ class Worker:
             try:
                 await msg.ack()
             except Exception as error:
-                logger.warning("ack of message %s failed (%s); it will be redelivered", msg.metadata.sequence.stream, error)
+                logger.warning(
+                    "ack of message %s failed (%s); it will be redelivered", msg.metadata.sequence.stream, error
+                )
                 return
 
     async def write(self, batch: list[PersistWrite], msgs: list[Any]) -> list[tuple[PersistWrite, str, str]] | None:
@@ -137,10 +140,7 @@ class Worker:
                 last_progress = time.monotonic()
                 for msg in msgs:
                     await msg.in_progress()
-            try:
-                await asyncio.wait_for(self.stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            await sleep_unless_stopped(self.stop, delay)
             delay = min(delay * 2, self.config.max_backoff)
 
     async def write_one_by_one(self, batch: list[PersistWrite]) -> list[tuple[PersistWrite, str, str]]:
@@ -205,6 +205,11 @@ class Worker:
             logger.warning("could not check Redis for stale copies: %s", error)
 
 
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
 async def _connect_until_ready(stop: asyncio.Event) -> jetstream.JetStream | None:
     delay = 0.5
     while not stop.is_set():
@@ -215,10 +220,7 @@ async def _connect_until_ready(stop: asyncio.Event) -> jetstream.JetStream | Non
             return js
         except Exception as error:
             logger.warning("NATS JetStream not ready (%s); retrying in %.1fs", error, delay)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            await sleep_unless_stopped(stop, delay)
             delay = min(delay * 2, 10.0)
     return None
 
@@ -231,10 +233,8 @@ async def run_async(
         stop.set()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: tests drive the loop
             loop.add_signal_handler(sig, stop.set)
-        except (ValueError, RuntimeError):  # not the main thread (tests drive the loop directly)
-            pass
     js = await _connect_until_ready(stop)
     if js is None:
         return 0

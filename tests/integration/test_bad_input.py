@@ -46,7 +46,9 @@ def assert_untouched(key: str, redis_client) -> None:
     ],
 )
 @pytest.mark.parametrize("method", ["post", "put"])
-def test_invalid_write_bodies_are_400_and_change_nothing(client: Client, redis_client, method: str, body: bytes, fragment: str) -> None:
+def test_invalid_write_bodies_are_400_and_change_nothing(
+    client: Client, redis_client, method: str, body: bytes, fragment: str
+) -> None:
     key = unique_key()
     response = getattr(client, method)(f"/v1/cache/{key}", body, content_type="application/json")
     error = assert_error(response, 400, "INVALID_REQUEST")
@@ -92,7 +94,9 @@ def test_a_body_beyond_the_upload_limit_is_413(client: Client, redis_client, set
 
 def test_batch_get_rejects_too_many_keys_and_bad_bodies(client: Client) -> None:
     too_many = {"keys": [f"k{i}" for i in range(101)]}
-    error = assert_error(client.post("/v1/cache/batch/get", too_many, content_type="application/json"), 400, "INVALID_REQUEST")
+    error = assert_error(
+        client.post("/v1/cache/batch/get", too_many, content_type="application/json"), 400, "INVALID_REQUEST"
+    )
     assert "too many keys" in error["error"]
     for body in ({"keys": []}, {"keys": "k"}, {"nope": 1}, {"keys": ["ok", "not ok"]}, {"keys": [1]}):
         assert_error(client.post("/v1/cache/batch/get", body, content_type="application/json"), 400, "INVALID_REQUEST")

@@ -72,7 +72,12 @@ class Writer:
 
 
 def wait_until_persisted(writer: Writer, timeout: float = 60) -> None:
-    wait_for(lambda: not writer.missing_in_postgresql(), timeout=timeout, interval=0.25, message="every acknowledged write in PostgreSQL")
+    wait_for(
+        lambda: not writer.missing_in_postgresql(),
+        timeout=timeout,
+        interval=0.25,
+        message="every acknowledged write in PostgreSQL",
+    )
 
 
 def test_worker_sigkilled_while_writes_flow_loses_nothing(api, worker_factory) -> None:
@@ -156,3 +161,30 @@ def test_an_idle_worker_stops_at_once_on_sigterm_and_sigint(worker_factory) -> N
         worker.proc.send_signal(sig)
         assert worker.proc.wait(10) == 0, worker.log()
         assert time.monotonic() - started < 5, "no drain timeout"
+
+
+def test_postgresql_down_serves_hits_accepts_writes_and_503s_misses(servers, api, worker) -> None:
+    if not servers.owns("postgres"):
+        pytest.skip("PostgreSQL is a shared server (BIRB_TEST_DATABASE_URL): this test must stop it")
+    cached = unique_key("cached")
+    assert httpx.post(f"{api.url}/v1/cache/{cached}", json={"value": 1}).status_code == 201
+    servers.stop("postgres")
+    try:
+        hit = httpx.get(f"{api.url}/v1/cache/{cached}", timeout=30)
+        written = httpx.post(f"{api.url}/v1/cache/{unique_key('during')}", json={"value": 2}, timeout=30)
+        miss = httpx.get(f"{api.url}/v1/cache/{unique_key('absent')}", timeout=30)
+        misses = [httpx.get(f"{api.url}/v1/cache/{unique_key('absent')}", timeout=30) for _ in range(12)]
+        health = httpx.get(f"{api.url}/health", timeout=30)
+    finally:
+        servers.start("postgres")
+    assert hit.status_code == 200
+    assert written.status_code == 201, written.text
+    assert miss.status_code == 503 and miss.json()["code"] == "SERVICE_UNAVAILABLE"
+    assert miss.json()["details"]["dependency"] == "database"
+    assert {m.status_code for m in misses} == {503}
+    assert any("circuit breaker is open" in m.json()["error"] for m in misses), "the breaker stops hammering PostgreSQL"
+    assert health.status_code == 503 and health.json()["checks"]["database"]["status"] == "unhealthy"
+    key = written.json()["key"]
+    wait_for(
+        lambda: CacheEntry.objects.filter(key=key).exists(), timeout=60, message="the write persisted after recovery"
+    )

@@ -18,7 +18,9 @@ from tests.conftest import unique_key, wait_for
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def make_row(key: str, *, value: object = "v", version: int = 3, ttl: float | None = None, deleted: bool = False) -> CacheEntry:
+def make_row(
+    key: str, *, value: object = "v", version: int = 3, ttl: float | None = None, deleted: bool = False
+) -> CacheEntry:
     now = timezone.now()
     return CacheEntry.objects.create(
         key=key,

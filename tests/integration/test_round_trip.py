@@ -21,7 +21,11 @@ def test_post_then_get_returns_the_same_entry_and_the_worker_persists_it(client:
     # given
     key = unique_key()
     # when
-    created = client.post(f"/v1/cache/{key}", {"value": {"n": 1, "s": "é"}, "ttl": 300, "metadata": {"by": "t"}}, content_type="application/json")
+    created = client.post(
+        f"/v1/cache/{key}",
+        {"value": {"n": 1, "s": "é"}, "ttl": 300, "metadata": {"by": "t"}},
+        content_type="application/json",
+    )
     read = client.get(f"/v1/cache/{key}")
     # then
     assert created.status_code == 201, created.content

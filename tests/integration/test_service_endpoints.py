@@ -37,7 +37,14 @@ def test_metrics_are_summed_over_every_api_process(api) -> None:
             httpx.get(f"{api.url}/v1/cache/{key}")
             httpx.get(f"{api.url}/v1/cache/{unique_key('absent')}")
         body = http.get("/metrics").json()
-    assert set(body) >= {"cache_hits", "cache_misses", "cache_hit_rate", "total_requests", "total_errors", "average_latency_ms"}
+    assert set(body) >= {
+        "cache_hits",
+        "cache_misses",
+        "cache_hit_rate",
+        "total_requests",
+        "total_errors",
+        "average_latency_ms",
+    }
     assert body["cache_hits"] >= 200 and body["cache_misses"] >= 200
     assert body["total_requests"] >= 401
     assert 0 < body["cache_hit_rate"] < 1

@@ -13,7 +13,9 @@ from tests.conftest import BASE_DIR
 VALID = {"SECRET_KEY": "s"}
 
 
-@pytest.mark.parametrize(("raw", "seconds"), [("500ms", 0.5), ("2s", 2.0), ("1m", 60.0), ("3", 3.0), ("1.5s", 1.5), ("7d", 604800.0)])
+@pytest.mark.parametrize(
+    ("raw", "seconds"), [("500ms", 0.5), ("2s", 2.0), ("1m", 60.0), ("3", 3.0), ("1.5s", 1.5), ("7d", 604800.0)]
+)
 def test_durations(raw: str, seconds: float) -> None:
     assert parse_duration("X", raw) == seconds
 
@@ -63,7 +65,9 @@ def test_every_setting_has_a_parsable_default() -> None:
 @pytest.mark.parametrize("command", [["check"], ["runworker"], ["rehydrate", "--all"], ["runapi"]])
 def test_management_commands_stop_at_start_with_one_line_and_exit_2(command: list[str], tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin", "SECRET_KEY": "s", "BIRB_DATA_DIR": str(tmp_path), "WORKER_BATCH_SIZE": "abc"}
-    result = subprocess.run([sys.executable, "manage.py", *command], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "manage.py", *command], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert result.stderr == 'invalid value for WORKER_BATCH_SIZE: "abc" is not an integer\n'
     assert result.stdout == ""
@@ -71,6 +75,12 @@ def test_management_commands_stop_at_start_with_one_line_and_exit_2(command: lis
 
 def test_make_run_stops_at_start_with_one_line_and_exit_2(tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin", "BIRB_DATA_DIR": str(tmp_path), "WORKER_BATCH_TIMEOUT": "fast"}
-    result = subprocess.run([sys.executable, "-m", "ops.stack", "run"], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "ops.stack", "run"], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith('invalid value for WORKER_BATCH_TIMEOUT: "fast" is not a duration')
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith('invalid value for WORKER_BATCH_TIMEOUT: "fast" is not a duration')
+    )

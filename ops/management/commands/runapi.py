@@ -41,7 +41,9 @@ class Command(BaseCommand):
             "--log-level", "warning",
             "birbnest.wsgi:application",
         ]  # fmt: skip
-        self.stdout.write(f"API on http://{config.api_host}:{port}/ ({config.api_workers} x {config.api_threads} threads)")
+        self.stdout.write(
+            f"API on http://{config.api_host}:{port}/ ({config.api_workers} x {config.api_threads} threads)"
+        )
         self.stdout.flush()
         os.execv(argv[0], argv)
 

@@ -29,9 +29,7 @@ class Command(BaseCommand):
             raise CommandError(f"invalid key(s): {', '.join(bad)}")
         selection = None if options["all"] else keys
         total = count_live(selection)
-        with tqdm(
-            total=total, unit="entries", disable=options["no_progress"], file=self.stderr._out
-        ) as bar:
+        with tqdm(total=total, unit="entries", disable=options["no_progress"], file=self.stderr._out) as bar:
             result = cache_entries_rehydrate(keys=selection, force=options["force"], progress=bar.update)
         summary = f"rehydrated {result.loaded} entries"
         if result.skipped_present:
