@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | sha1sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint format venv clean-data
+.PHONY: help run test tools lint format venv clean-data
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -21,8 +21,17 @@ venv: $(STAMP) ## create .venv and install the pinned requirements (done by run/
 run: $(STAMP) ## start PostgreSQL, Redis, NATS (unless *_URL are set), migrate, serve API + worker
 	$(PY) -m ops.stack run
 
-test: $(STAMP) ## run the whole test suite against real servers (started on free ports)
+test: $(STAMP) tools ## run the whole test suite against real servers (started on free ports)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+tools: ## install the Debian tools tests use, when missing (as root; otherwise those tests skip)
+	@command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing docker-compose (validates docker-compose.yml in tests)"; \
+	    apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1; } || \
+	    echo "note: could not install docker-compose; tests/test_compose.py will skip 'docker compose config'"; \
+	  fi
 
 lint: $(STAMP) ## ruff lint + format check
 	$(PY) -m ruff check .

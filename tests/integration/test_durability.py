@@ -82,6 +82,7 @@ def wait_until_persisted(writer: Writer, timeout: float = 60) -> None:
 
 def test_worker_sigkilled_while_writes_flow_loses_nothing(api, worker_factory) -> None:
     first = worker_factory().start()
+    worker_factory().start()  # two workers share the consumer; one of them dies mid-batch
     with Writer(api.url) as writer:
         wait_for(lambda: writer.count > 1000, timeout=30, message="writes flowing")
         first.kill()  # SIGKILL mid-batch
