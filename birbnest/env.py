@@ -134,6 +134,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WORKER_BATCH_TIMEOUT", "1s", parse_duration, "How long the worker waits to fill a batch."),
     Setting("WORKER_CONSUMER_GROUP", "birb-worker", parse_nats_name, "Durable consumer name shared by all workers."),
     Setting("WORKER_MAX_DELIVER", "5", _int(1), "Deliveries of one message before it is dead-lettered."),
+    Setting("WORKER_LIVENESS_FILE", "", _str, "File the worker touches every loop (default <data dir>/worker.alive)."),
+    Setting(
+        "WRITE_FALLBACK",
+        "none",
+        _choice("none", "postgres"),
+        "While JetStream is down: answer 503 (none) or write PostgreSQL directly (postgres).",
+    ),
     Setting(
         "TOMBSTONE_RETENTION",
         "7d",
@@ -147,6 +154,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("API_DEBUG_PORT", "0", _int(0, 65535), "Profiling endpoint port (0 = off)."),
     Setting("SECRET_KEY", "", _str, "Django secret key; required unless DEBUG is on (`make run` generates one)."),
     Setting("DEBUG", "false", parse_bool, "Django debug mode. Never in production."),
+    Setting("BIRB_ENV_FILE", "", _str, "The .env file read at start and by the worker on SIGUSR1 (default ./.env)."),
     Setting("BIRB_DATA_DIR", "", _str, "Where `make run` keeps server data and its URLs (default ./var)."),
     Setting("REDIS_KEY_PREFIX", "birb:", _str, "Prefix of every Redis key the service writes."),
     Setting("BIRB_STREAM", "BIRB_CACHE", parse_nats_name, "JetStream stream of persist messages."),
@@ -175,6 +183,8 @@ class Config:
     worker_batch_timeout: float
     worker_consumer_group: str
     worker_max_deliver: int
+    worker_liveness_file: str
+    write_fallback: str
     tombstone_retention: float
     log_level: str
     log_format: str
@@ -183,6 +193,7 @@ class Config:
     api_debug_port: int
     secret_key: str
     debug: bool
+    birb_env_file: str
     birb_data_dir: str
     redis_key_prefix: str
     birb_stream: str
@@ -194,7 +205,8 @@ class Config:
         return Path(self.birb_data_dir) if self.birb_data_dir else BASE_DIR / "var"
 
 
-assert [f.name for f in fields(Config)] == [s.name.lower() for s in SETTINGS]
+_FIELDS, _NAMES = [f.name for f in fields(Config)], [s.name.lower() for s in SETTINGS]
+assert _FIELDS == _NAMES, f"Config fields and SETTINGS differ: {set(_FIELDS) ^ set(_NAMES)} or their order"
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
@@ -222,6 +234,12 @@ def data_dir_from(environ: Mapping[str, str]) -> Path:
 STACK_ENV_FILE = "stack.env"
 
 
+def env_file(environ: Mapping[str, str] | None = None) -> Path:
+    """The operator's ``.env`` (``BIRB_ENV_FILE`` moves it); the worker re-reads it on SIGUSR1."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("BIRB_ENV_FILE") or BASE_DIR / ".env")
+
+
 def load_env_files(environ: dict[str, str] | None = None) -> None:
     """Fill unset variables from ``.env`` and then from the file `make run` writes under the data dir.
 
@@ -230,7 +248,7 @@ def load_env_files(environ: dict[str, str] | None = None) -> None:
     from dotenv import dotenv_values
 
     environ = os.environ if environ is None else environ  # type: ignore[assignment]
-    for path in (BASE_DIR / ".env", data_dir_from(environ) / STACK_ENV_FILE):
+    for path in (env_file(environ), data_dir_from(environ) / STACK_ENV_FILE):
         if path.is_file():
             for key, value in dotenv_values(path).items():
                 if value is not None and not environ.get(key):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,8 @@ from cache_api.errors import ApiError, invalid
 from persistence.keys import KEY_RULE, is_valid_key
 
 WRITE_FIELDS = ("value", "ttl", "metadata")
+# An escaped U+0000 in orjson's output: "\u0000" not preceded by an escaped backslash.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ def parse_write(raw: bytes, *, max_value_size: int) -> WriteInput:
             f"value is {len(value_json)} bytes of JSON; the limit is {max_value_size}",
             {"size": len(value_json), "max_value_size": max_value_size},
         )
+    _refuse_nul(value_json, "value")
     ttl = body.get("ttl")
     if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0):
         raise invalid(
@@ -61,7 +65,16 @@ def parse_write(raw: bytes, *, max_value_size: int) -> WriteInput:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise invalid("metadata must be a JSON object", {"field": "metadata"})
-    return WriteInput(value_json=value_json, ttl=ttl, metadata_json=orjson.dumps(metadata or {}))
+    metadata_json = orjson.dumps(metadata or {})
+    _refuse_nul(metadata_json, "metadata")
+    return WriteInput(value_json=value_json, ttl=ttl, metadata_json=metadata_json)
+
+
+def _refuse_nul(encoded: bytes, field: str) -> None:
+    # PostgreSQL's jsonb cannot store U+0000; accepting it would make a write that can never
+    # be persisted.
+    if _NUL.search(encoded):
+        raise invalid(f"{field} contains the character U+0000, which cannot be stored", {"field": field})
 
 
 def parse_if_match(header: str | None) -> int | None:

@@ -34,7 +34,12 @@ T = TypeVar("T")
 
 DLQ_MAX_AGE = 7 * 24 * 3600.0
 DUPLICATE_WINDOW = 120.0
-ACK_WAIT = 30.0
+# A delivery not acknowledged within ACK_WAIT is redelivered (a worker died holding it); the
+# worker reports progress every ACK_WAIT / 3 while it waits for PostgreSQL, so a live worker
+# never loses its batch. Redeliveries after that back off (REDELIVERY_BACKOFF[i] before the
+# (i+2)-th delivery); after WORKER_MAX_DELIVER deliveries the worker dead-letters the message.
+ACK_WAIT = 10.0
+REDELIVERY_BACKOFF = (10.0, 20.0, 40.0, 60.0)
 RECONNECT_INTERVAL = 1.0
 
 
@@ -101,16 +106,29 @@ def dlq_stream_config(n: Names) -> api.StreamConfig:
     )
 
 
+def redelivery_backoff(max_deliver: int) -> list[float] | None:
+    """JetStream wants fewer backoff steps than deliveries; the first step is the ack wait."""
+    steps = list(REDELIVERY_BACKOFF[: max(0, max_deliver - 1)])
+    return steps or None
+
+
 def consumer_config(n: Names) -> api.ConsumerConfig:
+    max_deliver = settings.BIRB.worker_max_deliver
     return api.ConsumerConfig(
         durable_name=n.consumer,
         ack_policy=api.AckPolicy.EXPLICIT,
         deliver_policy=api.DeliverPolicy.ALL,
         ack_wait=ACK_WAIT,
-        max_deliver=settings.BIRB.worker_max_deliver,
+        max_deliver=max_deliver,
+        backoff=redelivery_backoff(max_deliver),
         filter_subject=n.persist_subjects,
         max_ack_pending=20000,
     )
+
+
+def max_deliveries_advisory_subject(n: Names) -> str:
+    """Published by the server when a message reached max_deliver without being acknowledged."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{n.stream}.{n.consumer}"
 
 
 async def _log_error(error: Exception) -> None:
@@ -174,11 +192,30 @@ class JetStream:
                     await self.js.stream_info(config.name)
 
     async def ensure_consumer(self) -> None:
+        """Create the durable consumer, or bring an existing one to the configured delivery
+        policy (ack wait, max deliver, backoff can change in place)."""
+        config = consumer_config(self.names)
         try:
             await self.js.consumer_info(self.names.stream, self.names.consumer)
         except nats.js.errors.NotFoundError:
-            await self.js.add_consumer(self.names.stream, consumer_config(self.names))
+            await self.js.add_consumer(self.names.stream, config)
             logger.info("created consumer %s on %s", self.names.consumer, self.names.stream)
+            return
+        try:
+            await self.js.add_consumer(self.names.stream, config)
+        except nats.js.errors.Error as error:
+            logger.warning("consumer %s kept as it is (%s)", self.names.consumer, error)
+
+    async def get_message(self, seq: int, stream: str | None = None) -> Any:
+        """A stored message by stream sequence (``.data``, ``.headers``, ``.subject``)."""
+        return await self.js.get_msg(stream or self.names.stream, seq)
+
+    async def delete_message(self, seq: int, stream: str) -> None:
+        await self.js.delete_msg(stream, seq)
+
+    async def subscribe(self, subject: str, callback: Any) -> Any:
+        """A core NATS subscription (advisories); ``callback(msg)`` is a coroutine."""
+        return await self.nc.subscribe(subject, cb=callback)
 
     async def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float) -> int:
         try:

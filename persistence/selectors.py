@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import orjson
 from django.db.models import Q
 from django.utils import timezone
 
+from persistence.messages import isoformat
 from persistence.models import CacheEntry
 from persistence.redis_store import StoredEntry
-
-
-def isoformat(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def live_entries() -> QuerySet[CacheEntry]:  # noqa: F821 - string annotation for the queryset type

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import pybreaker
 from django.conf import settings
 from django.db import DatabaseError
@@ -31,16 +30,13 @@ from redis.exceptions import RedisError
 
 from persistence import jetstream, redis_store, selectors
 from persistence.errors import KeyNotFoundError, ServiceUnavailableError, VersionMismatchError
+from persistence.messages import PersistWrite, encode, isoformat, message_id
 from persistence.redis_store import TOMBSTONE, StoredEntry, Tombstone
 
 logger = logging.getLogger(__name__)
 
 OP_SET = "set"
 OP_DELETE = "delete"
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _retention_ms() -> int:
@@ -129,23 +125,42 @@ def _next_version(key: str, *, if_match: int | None) -> int:
         raise _redis_unavailable(error) from error
 
 
-def _publish(op: str, message: dict[str, Any], *, key: str, version: int) -> None:
-    """Step 2 of a write: durable in JetStream, or ServiceUnavailableError."""
+def _make_durable(write: PersistWrite) -> None:
+    """Step 2 of a write: in JetStream (PubAck received), or -- with WRITE_FALLBACK=postgres
+    while JetStream is down -- committed to PostgreSQL directly; else ServiceUnavailableError."""
     n = jetstream.names()
     try:
         jetstream.publisher().publish(
-            n.persist_subject(op),
-            orjson.dumps(message),
-            headers={"Nats-Msg-Id": f"{key}:{version}"},
+            n.persist_subject(write.op),
+            encode(write),
+            headers={"Nats-Msg-Id": message_id(write)},
             timeout=settings.BIRB.publish_timeout,
         )
+        return
     except jetstream.PublishError as error:
-        logger.error("write of %s v%d not durable: %s", key, version, error, extra={"error": str(error)})
-        raise ServiceUnavailableError(
-            "the write could not be made durable (JetStream did not acknowledge it)",
-            dependency="nats",
-            details={"reason": str(error)},
-        ) from error
+        failure = error
+    if settings.BIRB.write_fallback == "postgres":
+        try:
+            # The same guarded upsert as the worker's: version rules hold across both paths.
+            _db_call(cache_entries_upsert_many, writes=[write])
+            logger.warning(
+                "JetStream unavailable (%s): %s v%d written to PostgreSQL directly", failure, write.key, write.version
+            )
+            return
+        except ServiceUnavailableError as db_error:
+            logger.error(
+                "write of %s v%d failed: JetStream (%s) and PostgreSQL (%s) both unavailable",
+                write.key,
+                write.version,
+                failure,
+                db_error.message,
+            )
+    logger.error("write of %s v%d not durable: %s", write.key, write.version, failure, extra={"error": str(failure)})
+    raise ServiceUnavailableError(
+        "the write could not be made durable (JetStream did not acknowledge it)",
+        dependency="nats",
+        details={"reason": str(failure)},
+    ) from failure
 
 
 def cache_entry_set(
@@ -156,27 +171,29 @@ def cache_entry_set(
     metadata_json: bytes = b"{}",
     if_match: int | None = None,
 ) -> WriteResult:
-    """Create or replace an entry; returns once it is durable in JetStream and visible in Redis.
+    """Create or replace an entry; returns once it is durable and visible in Redis.
 
     ``value_json`` and ``metadata_json`` are already-validated JSON text. ``ttl`` None means
     ``REDIS_DEFAULT_TTL`` (0 = no expiry).
     """
     if ttl is None:
         ttl = settings.BIRB.redis_default_ttl
-    stamp = now_iso()
-    expires_at_ms = int(time.time() * 1000) + ttl * 1000 if ttl > 0 else None
+    now = datetime.now(UTC)
+    stamp = isoformat(now)
+    expires_at_ms = int(now.timestamp() * 1000) + ttl * 1000 if ttl > 0 else None
     version = _next_version(key, if_match=if_match)
-    message = {
-        "op": OP_SET,
-        "key": key,
-        "version": version,
-        "value": orjson.Fragment(value_json),
-        "metadata": orjson.Fragment(metadata_json),
-        "expires_at": expires_at_ms,
-        "created_at": stamp,
-        "updated_at": stamp,
-    }
-    _publish(OP_SET, message, key=key, version=version)
+    _make_durable(
+        PersistWrite(
+            op=OP_SET,
+            key=key,
+            version=version,
+            value_json=value_json.decode(),
+            metadata_json=metadata_json.decode(),
+            expires_at=datetime.fromtimestamp(expires_at_ms / 1000, tz=UTC) if expires_at_ms else None,
+            created_at=now,
+            updated_at=now,
+        )
+    )
     entry = StoredEntry(
         key=key,
         version=version,
@@ -189,8 +206,8 @@ def cache_entry_set(
     try:
         _stored, created, created_at = redis_store.store(entry)
     except RedisError as error:
-        # Durable already (PubAck received): answer success; the next read falls through to
-        # PostgreSQL once the worker has written it.
+        # Durable already: answer success; the next read falls through to PostgreSQL once the
+        # worker has written it.
         logger.warning("write of %s v%d is durable but not cached: %s", key, version, error)
         return WriteResult(entry=entry, created=True)
     if created_at != stamp:
@@ -203,9 +220,8 @@ def cache_entry_delete(*, key: str) -> int:
     if cache_entry_get(key=key) is None:
         raise KeyNotFoundError(key)
     version = _next_version(key, if_match=None)
-    stamp = now_iso()
-    message = {"op": OP_DELETE, "key": key, "version": version, "created_at": stamp, "updated_at": stamp}
-    _publish(OP_DELETE, message, key=key, version=version)
+    now = datetime.now(UTC)
+    _make_durable(PersistWrite(OP_DELETE, key, version, None, "{}", None, now, now))
     try:
         redis_store.store_tombstone(key, version=version, ttl_ms=_retention_ms())
     except RedisError as error:
@@ -328,7 +344,7 @@ WHERE t.version < EXCLUDED.version
 def cache_entries_upsert_many(*, writes: list[Any]) -> int:
     """Apply a batch of sets and deletes in one statement, in one transaction.
 
-    ``writes`` are :class:`persistence.worker.messages.PersistWrite` with at most one per key.
+    ``writes`` are :class:`persistence.messages.PersistWrite` with at most one per key.
     The ``WHERE`` guard makes the statement idempotent and order-free: a row is only replaced
     by a higher version, so redeliveries, replays and several workers are harmless. A delete
     is stored as a tombstone row (``deleted`` = true) that keeps its version.

@@ -499,3 +499,34 @@ def streams_ensure() -> EnsureReport:
     if not consumer_existed:
         created.append(f"consumer {n.consumer} on {n.stream}")
     return EnsureReport(stream=n.stream, dlq_stream=n.dlq_stream, consumer=n.consumer, created=created)
+
+
+# --- single messages (the dead-letter service builds on these) --------------------------------
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """A stored message byte for byte, for republishing."""
+
+    seq: int
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+
+
+def message_get(*, stream: str, seq: int) -> RawMessage:
+    raw = _run(lambda c: c.js.get_msg(stream, seq), stream=stream)
+    return RawMessage(
+        seq=int(raw.seq),
+        subject=raw.subject or "",
+        headers={str(k): str(v) for k, v in (raw.headers or {}).items()},
+        data=raw.data or b"",
+    )
+
+
+def message_delete(*, stream: str, seq: int) -> None:
+    _run(lambda c: c.js.delete_msg(stream, seq), stream=stream)
+
+
+def stream_purge(*, name: str) -> None:
+    _run(lambda c: c.js.purge_stream(name), stream=name)

@@ -2,12 +2,17 @@
 acknowledge after commit.
 
 Failure policy:
-- PostgreSQL unreachable / timeout / serialization failure (transient): keep the batch, tell
-  JetStream we are still working on it, retry with backoff; never acknowledge, never drop.
-- A message that cannot be decoded, or a row PostgreSQL rejects (permanent): dead-letter it
-  to ``cache.dlq.<reason>`` with its payload, headers and the error, then terminate it; the rest
-  of the batch is written.
-SIGTERM / SIGINT: finish the batch in hand, acknowledge it, drain the connection, return 0.
+- Transient (PostgreSQL unreachable, timeout, serialization failure, deadlock, a missing
+  table): keep the batch, tell JetStream we are still working on it, retry with backoff; never
+  acknowledge, never dead-letter, never drop. Deliveries are not used up.
+- Permanent (a payload that cannot be decoded; a row PostgreSQL rejects: bad data, a constraint,
+  a trigger): the rest of the batch is written, and the bad message is copied to
+  ``cache.dlq.<reason>`` with its payload, headers and the error, then terminated.
+- A message JetStream gave up on (``WORKER_MAX_DELIVER`` deliveries without an ack, e.g. it
+  crashed several workers) is dead-lettered from the server's advisory, so nothing is dropped
+  silently.
+Signals: SIGTERM / SIGINT finish the batch in hand, acknowledge it, flush, exit 0. SIGUSR1
+reloads batch size, batch timeout and log level between batches.
 """
 
 from __future__ import annotations
@@ -15,25 +20,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import orjson
 from django import db
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import DataError, IntegrityError, InternalError
 from redis.exceptions import RedisError
 
 from persistence import jetstream, redis_store
+from persistence.messages import PersistWrite, PoisonMessageError, decode, isoformat, latest_per_key
 from persistence.services import cache_entries_upsert_many
-from persistence.worker.config import WorkerConfig
-from persistence.worker.messages import PersistWrite, PoisonMessageError, decode, latest_per_key
+from persistence.worker.config import WorkerConfig, reload_config
 
 logger = logging.getLogger("persistence.worker")
 
-TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+# Errors that say "this row can never be written": the message goes to the DLQ. Every other
+# database error is treated as transient (retried, the batch kept), including a missing table or
+# a permissions problem, which an operator fixes without losing a message.
+PERMANENT_DB_ERRORS = (DataError, IntegrityError, InternalError)
+
+
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+class _StoppingError(Exception):
+    """Asked to stop while PostgreSQL is unavailable: leave the batch to JetStream."""
 
 
 class Worker:
@@ -43,8 +64,11 @@ class Worker:
         self.stop = stop
         # Django's ORM is synchronous and its connections are per thread: one thread keeps one.
         self.db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-db")
+        self.reload_requested = False
         self.persisted = 0
         self.dead_lettered = 0
+
+    # --- plumbing ---------------------------------------------------------------------------
 
     async def in_db_thread(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         def call() -> Any:
@@ -56,10 +80,47 @@ class Worker:
 
         return await asyncio.get_running_loop().run_in_executor(self.db_thread, call)
 
+    def touch_liveness(self) -> None:
+        """Docker's health check looks at this file's age (see docker-compose.yml)."""
+        path = self.config.liveness_file
+        if path:
+            try:
+                Path(path).touch()
+            except OSError as error:
+                logger.warning("cannot touch liveness file %s: %s", path, error)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, msgs: list[Any]) -> AsyncIterator[None]:
+        """While the body runs, tell JetStream every ACK_WAIT / 3 that these are still ours."""
+
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(jetstream.ACK_WAIT / 3)
+                self.touch_liveness()
+                for msg in msgs:
+                    with contextlib.suppress(Exception):  # reconnecting: the next round tries again
+                        await msg.in_progress()
+
+        task = asyncio.create_task(keep())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- the loop ---------------------------------------------------------------------------
+
     async def run(self) -> None:
         subscription = await self.js.pull_subscription()
+        advisories = await self.js.subscribe(
+            jetstream.max_deliveries_advisory_subject(self.js.names), self.on_max_deliveries
+        )
         last_purge = time.monotonic()
         while not self.stop.is_set():
+            self.touch_liveness()
+            if self.reload_requested:
+                self.reload()
             msgs = await self.js.fetch(subscription, batch=self.config.batch_size, timeout=self.config.batch_timeout)
             if msgs:
                 try:
@@ -67,39 +128,60 @@ class Worker:
                 except Exception:
                     # Unacknowledged messages come back after the ack wait; keep consuming.
                     logger.exception("batch of %d messages failed; they will be redelivered", len(msgs))
-                    await asyncio.sleep(1)
+                    await sleep_unless_stopped(self.stop, 1)
             if time.monotonic() - last_purge > self.config.purge_interval:
                 last_purge = time.monotonic()
                 try:
                     await self.js.purge_acknowledged()
                 except Exception as error:  # a failed purge only delays it
                     logger.warning("purge of acknowledged messages failed: %s", error)
+        with contextlib.suppress(Exception):
+            await advisories.unsubscribe()
         self.db_thread.shutdown(wait=True)
 
+    def request_reload(self) -> None:
+        self.reload_requested = True
+
+    def reload(self) -> None:
+        """SIGUSR1: new batch size, batch timeout and log level, applied between two batches."""
+        self.reload_requested = False
+        try:
+            config, level, changes = reload_config(self.config)
+        except ValueError as error:
+            logger.error("configuration not reloaded: %s", error, extra={"error": str(error)})
+            return
+        self.config = config
+        logging.getLogger().setLevel(level.upper())
+        logger.info("configuration reloaded: %s", ", ".join(changes) if changes else "nothing changed")
+
     async def handle_batch(self, msgs: list[Any]) -> None:
-        writes: list[PersistWrite] = []
-        good: list[Any] = []
+        decoded: list[tuple[Any, PersistWrite]] = []
         for msg in msgs:
             try:
-                writes.append(decode(msg.data))
-                good.append(msg)
+                decoded.append((msg, decode(msg.data)))
             except PoisonMessageError as error:
-                await self.dead_letter(msg, error.reason, error.detail)
-        batch = latest_per_key(writes)
-        if batch:
-            rejected = await self.write(batch, good)
-            if rejected is None:  # stopping while PostgreSQL is down: the messages come back later
-                return
-            for write, reason, detail in rejected:
-                for msg, decoded in zip(good, writes, strict=True):
-                    if decoded.key == write.key and decoded.version == write.version:
-                        await self.dead_letter(msg, reason, detail)
-            rejected_ids = {(w.key, w.version) for w, _, _ in rejected}
-            good = [m for m, w in zip(good, writes, strict=True) if (w.key, w.version) not in rejected_ids]
-        await self.acknowledge(good)
-        self.persisted += len(batch)
-        logger.debug("persisted %d writes from %d messages", len(batch), len(msgs))
-        await self.evict_stale(batch)
+                await self.dead_letter_delivered(msg, error.reason, error.detail)
+        batch = latest_per_key([write for _, write in decoded])
+        async with self.holding([msg for msg, _ in decoded]):
+            rejected = await self.write(batch)
+        if rejected is None:  # stopping while PostgreSQL is down: let JetStream redeliver them
+            for msg, _ in decoded:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            return
+        # A rejected write takes its key's older versions in the batch with it to the DLQ.
+        rejected_keys = {write.key: reason_detail for write, reason_detail in rejected.items()}
+        done = []
+        for msg, write in decoded:
+            if write.key in rejected_keys:
+                reason, detail = rejected_keys[write.key]
+                await self.dead_letter_delivered(msg, reason, detail)
+            else:
+                done.append(msg)
+        await self.acknowledge(done)
+        self.persisted += len(batch) - len(rejected)
+        logger.debug("persisted %d writes from %d messages", len(batch) - len(rejected), len(msgs))
+        await self.evict_stale([w for w in batch if w.key not in rejected_keys])
 
     async def acknowledge(self, msgs: list[Any]) -> None:
         """Ack after commit. A lost ack only means a redelivery, which the version guard absorbs."""
@@ -107,94 +189,134 @@ class Worker:
             try:
                 await msg.ack()
             except Exception as error:
-                logger.warning(
-                    "ack of message %s failed (%s); it will be redelivered", msg.metadata.sequence.stream, error
-                )
+                logger.warning("ack failed (%s); the messages will be redelivered", error)
                 return
 
-    async def write(self, batch: list[PersistWrite], msgs: list[Any]) -> list[tuple[PersistWrite, str, str]] | None:
-        """Write the batch; returns the writes PostgreSQL rejected for good, or None if stopping."""
+    async def write(self, batch: list[PersistWrite]) -> dict[PersistWrite, tuple[str, str]] | None:
+        """Write the batch. Returns the writes PostgreSQL rejects for good (each isolated in a
+        transaction of its own), or None when stopping while PostgreSQL is unavailable."""
+        try:
+            error = await self.upsert_retrying(batch)
+            if error is None:
+                return {}
+            logger.warning("batch rejected (%s); writing its rows one by one", error)
+            rejected = {}
+            for write in batch:
+                error = await self.upsert_retrying([write])
+                if error is not None:
+                    rejected[write] = ("rejected_by_database", error)
+            return rejected
+        except _StoppingError:
+            return None
+
+    async def upsert_retrying(self, writes: list[PersistWrite]) -> str | None:
+        """Upsert, retrying transient errors with backoff; the permanent error's text, or None."""
         delay = 0.2
-        last_progress = time.monotonic()
         while True:
             try:
-                await self.in_db_thread(cache_entries_upsert_many, writes=batch)
-                return []
-            except TRANSIENT_DB_ERRORS as error:
-                logger.warning(
-                    "PostgreSQL unavailable, batch of %d kept for retry in %.1fs: %s",
-                    len(batch),
-                    delay,
-                    error,
-                    extra={"error": str(error)},
-                )
-            except DatabaseError as error:
-                logger.warning("batch rejected (%s); writing its rows one by one", error)
-                return await self.write_one_by_one(batch)
-            if self.stop.is_set():
-                for msg in msgs:
-                    await msg.nak()
+                await self.in_db_thread(cache_entries_upsert_many, writes=writes)
                 return None
-            # Keep the messages ours while we wait (ack wait would otherwise redeliver them).
-            if time.monotonic() - last_progress > jetstream.ACK_WAIT / 3:
-                last_progress = time.monotonic()
-                for msg in msgs:
-                    await msg.in_progress()
+            except PERMANENT_DB_ERRORS as error:
+                return str(error).strip()
+            except db.Error as error:
+                logger.warning(
+                    "PostgreSQL unavailable, %d writes kept for retry in %.1fs: %s",
+                    len(writes),
+                    delay,
+                    str(error).strip(),
+                    extra={"error": str(error).strip()},
+                )
+            if self.stop.is_set():
+                raise _StoppingError
             await sleep_unless_stopped(self.stop, delay)
+            self.touch_liveness()
             delay = min(delay * 2, self.config.max_backoff)
 
-    async def write_one_by_one(self, batch: list[PersistWrite]) -> list[tuple[PersistWrite, str, str]]:
-        rejected = []
-        for write in batch:
-            while True:
-                try:
-                    await self.in_db_thread(cache_entries_upsert_many, writes=[write])
-                    break
-                except TRANSIENT_DB_ERRORS as error:
-                    logger.warning("PostgreSQL unavailable while isolating a bad row: %s", error)
-                    await asyncio.sleep(1)
-                except DatabaseError as error:
-                    rejected.append((write, "rejected_by_database", str(error).strip()))
-                    break
-        return rejected
+    # --- dead letters -----------------------------------------------------------------------
 
-    async def dead_letter(self, msg: Any, reason: str, detail: str) -> None:
-        """Copy the message to the DLQ stream with the error, then terminate the original."""
-        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    async def dead_letter_delivered(self, msg: Any, reason: str, detail: str) -> None:
+        """Copy a delivered message to the DLQ stream with the error, then terminate it."""
         meta = msg.metadata
-        headers = dict(msg.headers or {})
+        copied = await self.dead_letter(
+            data=msg.data,
+            headers=dict(msg.headers or {}),
+            subject=msg.subject,
+            stream_seq=meta.sequence.stream,
+            deliveries=meta.num_delivered,
+            reason=reason,
+            detail=detail,
+        )
+        if copied:
+            with contextlib.suppress(Exception):  # not terminated = redelivered = dead-lettered again (same id)
+                await msg.term()
+        else:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+    async def dead_letter(
+        self,
+        *,
+        data: bytes,
+        headers: dict[str, str],
+        subject: str,
+        stream_seq: int,
+        deliveries: int,
+        reason: str,
+        detail: str,
+    ) -> bool:
+        """Publish to ``cache.dlq.<reason>``; False only if stopping before JetStream took it."""
+        now = isoformat(datetime.now(UTC))
         original_id = headers.pop("Nats-Msg-Id", "")
         headers.update(
             {
-                "Birb-Original-Subject": msg.subject,
+                "Birb-Original-Subject": subject,
                 "Birb-Original-Msg-Id": original_id,
-                "Birb-Original-Seq": str(meta.sequence.stream),
+                "Birb-Original-Seq": str(stream_seq),
                 "Birb-Error": detail[:1000],
                 "Birb-Reason": reason,
-                "Birb-Deliveries": str(meta.num_delivered),
+                "Birb-Deliveries": str(deliveries),
                 "Birb-First-Failure": headers.get("Birb-First-Failure", now),
                 "Birb-Last-Failure": now,
-                # One dead letter per original message, even if this is retried.
-                "Nats-Msg-Id": f"dlq:{self.js.names.stream}:{meta.sequence.stream}",
+                # One dead letter per stored message, however often this is retried.
+                "Nats-Msg-Id": f"dlq:{self.js.names.stream}:{stream_seq}",
             }
         )
         while True:
             try:
-                await self.js.publish(self.js.names.dlq_subject(reason), msg.data, headers=headers, timeout=5)
+                await self.js.publish(self.js.names.dlq_subject(reason), data, headers=headers, timeout=5)
                 break
             except jetstream.PublishError as error:
                 if self.stop.is_set():
-                    await msg.nak()
-                    return
-                logger.error("cannot dead-letter message %s yet: %s", meta.sequence.stream, error)
-                await asyncio.sleep(1)
-        await msg.term()
+                    return False
+                logger.error("cannot dead-letter message %s yet: %s", stream_seq, error)
+                await sleep_unless_stopped(self.stop, 1)
         self.dead_lettered += 1
         logger.error(
-            "dead-lettered message %s: %s",
-            meta.sequence.stream,
+            "dead-lettered message %s (%s): %s",
+            stream_seq,
+            reason,
             detail,
-            extra={"error": detail, "reason": reason},
+            extra={"error": detail, "reason": reason, "stream_seq": stream_seq},
+        )
+        return True
+
+    async def on_max_deliveries(self, advisory: Any) -> None:
+        """JetStream stopped delivering a message: keep it, in the DLQ."""
+        try:
+            event = orjson.loads(advisory.data)
+            seq = int(event["stream_seq"])
+            stored = await self.js.get_message(seq)
+        except Exception as error:
+            logger.error("max-deliveries advisory not handled: %s", error, extra={"error": str(error)})
+            return
+        await self.dead_letter(
+            data=stored.data or b"",
+            headers=dict(stored.headers or {}),
+            subject=stored.subject,
+            stream_seq=seq,
+            deliveries=int(event.get("deliveries", 0)),
+            reason="max_deliveries",
+            detail=f"not acknowledged after {event.get('deliveries')} deliveries",
         )
 
     async def evict_stale(self, batch: list[PersistWrite]) -> None:
@@ -205,16 +327,11 @@ class Worker:
             logger.warning("could not check Redis for stale copies: %s", error)
 
 
-async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-
-
 async def _connect_until_ready(stop: asyncio.Event) -> jetstream.JetStream | None:
     delay = 0.5
     while not stop.is_set():
         try:
-            js = await jetstream.JetStream.connect(name="birb-nest-worker")
+            js = await jetstream.JetStream.connect(name=f"birb-nest-worker-{os.getpid()}")
             await js.ensure_streams()
             await js.ensure_consumer()
             return js
@@ -247,6 +364,8 @@ async def run_async(
         config.batch_timeout,
     )
     worker = Worker(config, js, stop)
+    with contextlib.suppress(ValueError, RuntimeError):
+        loop.add_signal_handler(signal.SIGUSR1, worker.request_reload)
     try:
         await worker.run()
     finally:
@@ -257,8 +376,10 @@ async def run_async(
 
 def run(config: WorkerConfig) -> int:
     """Run until SIGTERM/SIGINT; the exit code of `manage.py runworker`."""
-    # A signal that arrives before the event loop is up must still mean "stop cleanly".
+    # A signal that arrives before the event loop is up must still mean "stop cleanly", and a
+    # SIGUSR1 then must not kill the process.
     stop_requested = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop_requested.set())
+    signal.signal(signal.SIGUSR1, lambda *_: None)
     return asyncio.run(run_async(config, stop_requested=stop_requested))

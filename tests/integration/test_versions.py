@@ -14,7 +14,7 @@ from django.test.utils import CaptureQueriesContext
 
 from persistence import jetstream, redis_store, services
 from persistence.models import CacheEntry
-from persistence.worker.messages import PersistWrite, decode, latest_per_key
+from persistence.messages import PersistWrite, decode, latest_per_key
 from tests.conftest import unique_key, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -1,4 +1,8 @@
-"""Decoding persist messages, and the highest-version-per-key reduction of a batch."""
+"""The persist message: what the API publishes to ``cache.persist.<op>`` and the worker applies.
+
+JSON: ``{"op": "set"|"delete", "key", "version", "value", "metadata", "expires_at" (epoch ms or
+null), "created_at", "updated_at"}``; its ``Nats-Msg-Id`` is ``<key>:<version>``.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +38,26 @@ class PersistWrite:
     expires_at: datetime | None
     created_at: datetime
     updated_at: datetime
+
+
+def isoformat(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def encode(write: PersistWrite) -> bytes:
+    body: dict[str, Any] = {"op": write.op, "key": write.key, "version": write.version}
+    if write.op == "set":
+        body["value"] = orjson.Fragment(write.value_json or "null")
+        body["metadata"] = orjson.Fragment(write.metadata_json)
+        body["expires_at"] = int(write.expires_at.timestamp() * 1000) if write.expires_at else None
+    body["created_at"] = isoformat(write.created_at)
+    body["updated_at"] = isoformat(write.updated_at)
+    return orjson.dumps(body)
+
+
+def message_id(write: PersistWrite) -> str:
+    """Identifies this one write, so a retried publish is de-duplicated by JetStream."""
+    return f"{write.key}:{write.version}"
 
 
 def _timestamp(raw: Any, field: str) -> datetime:
