@@ -32,7 +32,6 @@ from typing import Any
 
 import orjson
 from django import db
-from django.db import DataError, IntegrityError, InternalError
 from redis.exceptions import RedisError
 
 from persistence import jetstream, redis_store
@@ -42,10 +41,19 @@ from persistence.worker.config import WorkerConfig, reload_config
 
 logger = logging.getLogger("persistence.worker")
 
-# Errors that say "this row can never be written": the message goes to the DLQ. Every other
-# database error is treated as transient (retried, the batch kept), including a missing table or
-# a permissions problem, which an operator fixes without losing a message.
-PERMANENT_DB_ERRORS = (DataError, IntegrityError, InternalError)
+# SQLSTATEs that say "this row can never be written": data exceptions (class 22: bad value,
+# out of range, untranslatable character), constraint violations (23), and a rejection raised
+# by a trigger or function (P0001 raise_exception, P0004 assert_failure). The message goes to
+# the DLQ. Every other database error is transient (retried, the batch kept): a lost connection,
+# a serialization failure or deadlock (40), a timeout (57014), and also a missing table or a
+# permissions problem (42), which an operator fixes without a message being lost.
+PERMANENT_SQLSTATE_CLASSES = ("22", "23")
+PERMANENT_SQLSTATES = ("P0001", "P0004")
+
+
+def is_permanent(error: db.Error) -> bool:
+    sqlstate = getattr(error.__cause__, "sqlstate", None) or ""
+    return sqlstate[:2] in PERMANENT_SQLSTATE_CLASSES or sqlstate in PERMANENT_SQLSTATES
 
 
 async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
@@ -216,9 +224,9 @@ class Worker:
             try:
                 await self.in_db_thread(cache_entries_upsert_many, writes=writes)
                 return None
-            except PERMANENT_DB_ERRORS as error:
-                return str(error).strip()
             except db.Error as error:
+                if is_permanent(error):
+                    return str(error).strip()
                 logger.warning(
                     "PostgreSQL unavailable, %d writes kept for retry in %.1fs: %s",
                     len(writes),
