@@ -13,8 +13,8 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from persistence import jetstream, redis_store, services
-from persistence.models import CacheEntry
 from persistence.messages import PersistWrite, decode, latest_per_key
+from persistence.models import CacheEntry
 from tests.conftest import unique_key, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
