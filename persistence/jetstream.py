@@ -254,7 +254,11 @@ class JetStream:
 
     async def stream_state(self, stream: str | None = None) -> dict[str, int]:
         info = await self.js.stream_info(stream or self.names.stream)
-        return {"messages": int(info.state.messages), "bytes": int(info.state.bytes)}
+        return {
+            "messages": int(info.state.messages),
+            "bytes": int(info.state.bytes),
+            "last_seq": int(info.state.last_seq),
+        }
 
     async def purge_acknowledged(self) -> None:
         """Remove messages every worker has acknowledged (below the consumer's ack floor)."""
@@ -329,6 +333,23 @@ class SyncJetStream:
             return self.run(client.publish(subject, payload, headers=headers, timeout=timeout), timeout + 1)
         except TimeoutError as error:
             raise PublishError("no PubAck within the publish timeout") from error
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait until the worker has acknowledged (or dead-lettered) every message published so
+        far; False if that did not happen within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        try:
+            client = self.client()
+            target = self.run(client.stream_state(), 2)["last_seq"]
+            while True:
+                if target == 0 or self.run(client.consumer_state(), 2)["ack_floor_stream_seq"] >= target:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+        except Exception as error:
+            logger.warning("cannot tell whether the persist backlog drained: %s", error)
+            return False
 
     def healthy(self, timeout: float = 1.0) -> tuple[bool, str]:
         try:

@@ -26,3 +26,8 @@ def version_key(key: str) -> str:
 
 def strip_entry_prefix(redis_key: str) -> str:
     return redis_key[len(settings.BIRB.redis_key_prefix) + 2 :]
+
+
+def counters_marker_key() -> str:
+    """Present while Redis holds every version counter assigned since the backlog last drained."""
+    return f"{settings.BIRB.redis_key_prefix}meta:counters-complete"

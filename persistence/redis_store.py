@@ -23,14 +23,14 @@ from django_redis import get_redis_connection
 from redis import Redis
 from redis.commands.core import Script
 
-from persistence.keys import entry_key, version_key
+from persistence.keys import counters_marker_key, entry_key, version_key
 
-# ARGV: floor ('' = unknown), if_match ('' = none), counter ttl ms.
-# -> {1, version} | {-1, 0} seed needed | {-2, current} If-Match mismatch
+# KEYS: counter, counters marker. ARGV: floor ('' = unknown), if_match ('' = none), counter ttl ms.
+# -> {1, version} | {-1, marker exists} seed needed | {-2, current} If-Match mismatch
 _ASSIGN_VERSION = """
 local n = redis.call('GET', KEYS[1])
 if not n then
-  if ARGV[1] == '' then return {-1, 0} end
+  if ARGV[1] == '' then return {-1, redis.call('EXISTS', KEYS[2])} end
   n = ARGV[1]
 end
 n = tonumber(n)
@@ -193,7 +193,17 @@ def _entry_from_hash(key: str, fields: dict[bytes, bytes]) -> StoredEntry:
 
 
 class SeedNeededError(Exception):
-    """The key has no version counter in Redis; the caller must give the PostgreSQL floor."""
+    """The key has no version counter in Redis; the caller must give a floor.
+
+    ``counters_complete`` tells whether the marker set by :func:`mark_counters_complete` is
+    there: if it is, Redis has not lost its counters since, so PostgreSQL's version is a safe
+    floor; if not (a new or emptied Redis), writes still in flight may carry higher versions.
+    """
+
+    def __init__(self, key: str, *, counters_complete: bool) -> None:
+        self.key = key
+        self.counters_complete = counters_complete
+        super().__init__(key)
 
 
 class VersionConflictError(Exception):
@@ -204,14 +214,20 @@ class VersionConflictError(Exception):
 
 def assign_version(key: str, *, floor: int | None, if_match: int | None, counter_ttl_ms: int) -> int:
     status, number = scripts().assign_version(
-        keys=[version_key(key)],
+        keys=[version_key(key), counters_marker_key()],
         args=["" if floor is None else floor, "" if if_match is None else if_match, counter_ttl_ms],
     )
     if status == -1:
-        raise SeedNeededError(key)
+        raise SeedNeededError(key, counters_complete=bool(number))
     if status == -2:
         raise VersionConflictError(int(number))
     return int(number)
+
+
+def mark_counters_complete() -> None:
+    """Record that every write still in flight is persisted, so PostgreSQL's versions are safe
+    floors for counters Redis lacks (see services._version_floor)."""
+    client().set(counters_marker_key(), "1")
 
 
 def store(entry: StoredEntry) -> tuple[bool, bool, str]:

@@ -96,12 +96,28 @@ def _db_call(fn: Callable[..., Any], **kwargs: Any) -> Any:
         raise _db_unavailable(error) from error
 
 
-def _version_floor(key: str) -> int:
-    """The version a new counter starts from: what PostgreSQL knows for the key.
+BACKLOG_DRAIN_WAIT = 5.0
 
-    When PostgreSQL cannot answer, the current time in milliseconds is used: it is above any
-    version a key can have reached by counting (one per write), so versions still only grow.
+
+def _version_floor(key: str, *, counters_complete: bool) -> int:
+    """The version a missing counter starts from.
+
+    Normally what PostgreSQL knows for the key. But after Redis lost its data (no
+    counters-complete marker), writes still in flight in JetStream may carry versions PostgreSQL
+    has not seen yet, so first wait (once per process, bounded) for the worker to drain what was
+    published before now; then PostgreSQL is complete and the marker is set again. If it does not
+    drain in time, or PostgreSQL cannot answer, the current time in milliseconds is the floor:
+    it is above any version a key can have reached by counting (one per write), so versions
+    still only grow.
     """
+    if not counters_complete:
+        drained = _drain_wait.do("backlog", lambda: jetstream.publisher().wait_drained(BACKLOG_DRAIN_WAIT))
+        if drained:
+            redis_store.mark_counters_complete()
+        else:
+            floor = int(time.time() * 1000)
+            logger.warning("version of %s seeded from the clock (%d): the persist backlog has not drained", key, floor)
+            return max(floor, _db_version_or_zero(key))
     try:
         return int(_db_call(selectors.cache_entry_version_in_db, key=key))
     except ServiceUnavailableError as error:
@@ -110,14 +126,21 @@ def _version_floor(key: str) -> int:
         return floor
 
 
+def _db_version_or_zero(key: str) -> int:
+    try:
+        return int(_db_call(selectors.cache_entry_version_in_db, key=key))
+    except ServiceUnavailableError:
+        return 0
+
+
 def _next_version(key: str, *, if_match: int | None) -> int:
     """Step 1 of a write. Seeds the counter the first time Redis lacks it (see _version_floor)."""
     counter_ttl = _retention_ms()
     try:
         try:
             return redis_store.assign_version(key, floor=None, if_match=if_match, counter_ttl_ms=counter_ttl)
-        except redis_store.SeedNeededError:
-            floor = _version_floor(key)
+        except redis_store.SeedNeededError as seed:
+            floor = _version_floor(key, counters_complete=seed.counters_complete)
             return redis_store.assign_version(key, floor=floor, if_match=if_match, counter_ttl_ms=counter_ttl)
     except redis_store.VersionConflictError as conflict:
         raise VersionMismatchError(key, expected=if_match or 0, current=conflict.current) from None
@@ -260,6 +283,7 @@ class _SingleFlight:
 
 
 _misses = _SingleFlight()
+_drain_wait = _SingleFlight()
 
 
 def _load_from_db(key: str) -> StoredEntry | None:

@@ -61,12 +61,32 @@ def test_expired_and_deleted_rows_count_as_missing(client: Client) -> None:
     assert redis_store.read(expired) is None
 
 
-def test_writes_after_redis_loss_continue_from_the_version_postgresql_knows(client: Client, flush_redis) -> None:
+def test_writes_after_redis_loss_continue_from_the_version_postgresql_knows(
+    client: Client, worker, flush_redis
+) -> None:
     key = unique_key()
     make_row(key, version=41)
     flush_redis()
     response = client.post(f"/v1/cache/{key}", {"value": "new"}, content_type="application/json")
     assert response.json()["version"] == 42
+
+
+def test_writes_in_flight_when_redis_loses_its_data_are_never_outranked(
+    client: Client, worker_factory, flush_redis
+) -> None:
+    # given writes acknowledged but not persisted yet (no worker runs)
+    key = unique_key()
+    for value in ("a", "b", "c"):
+        last = client.post(f"/v1/cache/{key}", {"value": value}, content_type="application/json").json()
+    assert last["version"] == 3
+    # when Redis loses everything and the key is written again
+    flush_redis()
+    newer = client.post(f"/v1/cache/{key}", {"value": "after"}, content_type="application/json").json()
+    # then the new write outranks the ones in flight (the backlog could not drain: clock floor)
+    assert newer["version"] > 3
+    worker_factory().start()
+    row = wait_for(lambda: CacheEntry.objects.filter(key=key, version=newer["version"]).first(), timeout=30)
+    assert row.value == "after"
 
 
 def test_concurrent_misses_on_one_key_cause_one_postgresql_query(monkeypatch) -> None:
