@@ -119,6 +119,7 @@ def _str(name: str, raw: str) -> str:
 SETTINGS: tuple[Setting, ...] = (
     Setting("API_PORT", "8080", _int(1, 65535), "HTTP port of the API (loopback unless API_HOST says otherwise)."),
     Setting("API_HOST", "127.0.0.1", _str, "Address the API binds to."),
+    Setting("DASHBOARD_PORT", "0", _int(0, 65535), "Port of the live dashboard's websocket server (0 = API_PORT + 1)."),
     Setting("API_WORKERS", "2", _int(1, 64), "API server processes."),
     Setting("API_THREADS", "2", _int(1, 512), "Request threads per API process."),
     Setting(
@@ -170,6 +171,7 @@ class Config:
 
     api_port: int
     api_host: str
+    dashboard_port: int
     api_workers: int
     api_threads: int
     database_url: str

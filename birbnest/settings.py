@@ -35,11 +35,16 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",
+    # After `persistence`: Channels ships a `runworker` too; ours must win (tests check it).
+    "channels",
 ]
 
 MIDDLEWARE = [
     # Counts and times every request (cheap: a few multiprocess-safe counters).
     "ops.metrics.metrics_middleware",
+    # Before anything else that costs: a limited client is answered at once.
+    "ops.ratelimit.ratelimit_middleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -67,6 +72,9 @@ TEMPLATES = [
 ]
 
 WSGI_APPLICATION = "birbnest.wsgi.application"
+# The live dashboard's websocket runs on its own ASGI server (manage.py rundashboard, port
+# DASHBOARD_PORT); the REST API stays on WSGI (see README "Serving model").
+ASGI_APPLICATION = "birbnest.asgi.application"
 
 # An unset URL keeps settings importable (the test suite points them at its own servers after
 # start-up); the system check birbnest.E001 stops every command that would need it.

@@ -5,6 +5,7 @@ from django.urls import include, path, re_path
 from django.views.decorators.csrf import csrf_exempt
 
 from cache_api.errors import json_404
+from ops import ratelimit_api
 from ops import views as ops_views
 
 urlpatterns = [
@@ -13,6 +14,9 @@ urlpatterns = [
     path("metrics", ops_views.metrics_view, name="metrics"),
     path("metrics/prometheus", ops_views.prometheus_view, name="metrics-prometheus"),
     path("v1/cache/", include("cache_api.urls")),
+    path("admin/ratelimit", ratelimit_api.ratelimit_settings_api, name="admin-ratelimit"),
+    path("admin/deadletters/", include("ops.deadletter_urls")),
+    path("admin/dashboard/", include("ops.dashboard_urls")),
     path("admin/", admin.site.urls),
     # Unknown paths get the contract's JSON 404 in every mode (handler404 only acts without DEBUG).
     re_path(r"^", csrf_exempt(json_404)),

@@ -27,6 +27,10 @@ class CacheEntry(models.Model):
         db_table = "cache_entries"
         verbose_name = "cache entry"
         verbose_name_plural = "cache entries"
+        permissions = [
+            ("rehydrate_cacheentry", "Can rehydrate entries into Redis"),
+            ("evict_cacheentry", "Can evict entries from Redis"),
+        ]
         indexes = [
             models.Index(
                 fields=["expires_at"],
