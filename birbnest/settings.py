@@ -46,6 +46,8 @@ MIDDLEWARE = [
     # Before anything else that costs: a limited client is answered at once.
     "ops.ratelimit.ratelimit_middleware",
     "django.middleware.security.SecurityMiddleware",
+    # The admin's CSS/JS straight from the installed apps (no collectstatic step, no DEBUG).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -122,6 +124,8 @@ USE_I18N = False
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BIRB.data_dir / "static"
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = False
 
 # The API parses and renders JSON itself (orjson); DRF's own machinery stays out of the hot path.
 REST_FRAMEWORK = {

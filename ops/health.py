@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from persistence import jetstream, redis_store
 
 
-def _timed(check: Any) -> dict[str, Any]:
+def timed(check: Any) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         ok, detail = check()
@@ -26,23 +26,26 @@ def _timed(check: Any) -> dict[str, Any]:
     return result
 
 
-def _database() -> tuple[bool, str]:
+def check_database() -> tuple[bool, str]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
         cursor.fetchone()
     return True, ""
 
 
-def _redis() -> tuple[bool, str]:
+def check_redis() -> tuple[bool, str]:
     try:
         return redis_store.ping(), ""
     except RedisError as error:
         return False, str(error)
 
 
-def _nats() -> tuple[bool, str]:
+def check_nats() -> tuple[bool, str]:
     return jetstream.publisher().healthy(timeout=1.0)
 
 
+CHECKS = {"database": check_database, "redis": check_redis, "nats": check_nats}
+
+
 def run_checks() -> dict[str, dict[str, Any]]:
-    return {"database": _timed(_database), "redis": _timed(_redis), "nats": _timed(_nats)}
+    return {name: timed(check) for name, check in CHECKS.items()}

@@ -680,6 +680,8 @@ def _serve(with_apps: bool) -> int:
             children = [
                 _Child("api", [sys.executable, "manage.py", "runapi"]),
                 _Child("worker", [sys.executable, "manage.py", "runworker"]),
+                # The live dashboard's websocket server (ASGI, its own port; see birbnest/asgi.py).
+                _Child("dashboard", [sys.executable, "manage.py", "rundashboard"]),
             ]
             for child in children:
                 child.start(BASE_DIR, env)
@@ -694,7 +696,7 @@ def _serve(with_apps: bool) -> int:
         signal.signal(signal.SIGINT, _ignore_while_stopping)
         signal.signal(signal.SIGTERM, _ignore_while_stopping)
         if children:
-            logger.info("stopping the API and the worker")
+            logger.info("stopping the API, the worker and the dashboard")
             _stop_children(children)
         if stack is not None:
             stack.stop()
@@ -710,6 +712,10 @@ def _print_summary(config: Any, urls: dict[str, str], stack: Stack | None, data_
             ("  health", f"{api}health"),
             ("  metrics", f"{api}metrics"),
             ("  admin", f"{api}admin/"),
+            (
+                "  dashboard",
+                f"{api}admin/dashboard/ (websocket on port {config.dashboard_port or config.api_port + 1})",
+            ),
         ]
     rows += [("PostgreSQL", urls["DATABASE_URL"]), ("Redis", urls["REDIS_URL"]), ("NATS", urls["NATS_URL"])]
     if stack is not None and stack.nats_monitor_url:
