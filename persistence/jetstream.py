@@ -217,11 +217,20 @@ class JetStream:
         """A core NATS subscription (advisories); ``callback(msg)`` is a coroutine."""
         return await self.nc.subscribe(subject, cb=callback)
 
-    async def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float) -> int:
+    async def publish(
+        self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float, new_only: bool = False
+    ) -> int:
+        """Publish and wait for the PubAck; the stream sequence. ``new_only``: a message JetStream
+        de-duplicates (its ``Nats-Msg-Id`` was seen within the window) is an error."""
         try:
             ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as error:
             raise PublishError(f"{type(error).__name__}: {error}".rstrip(": ")) from error
+        if new_only and ack.duplicate:
+            # JetStream already holds a message with this id, so this one was dropped. Every
+            # write has its own id (key:version): a duplicate means a version collision, and
+            # answering 2xx would acknowledge a write that will never be applied.
+            raise PublishError(f"JetStream dropped the message as a duplicate of {headers.get('Nats-Msg-Id')}")
         return int(ack.seq)
 
     async def pull_subscription(self) -> Any:
@@ -319,7 +328,9 @@ class SyncJetStream:
                 self._client = client
         return self._client
 
-    def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float) -> int:
+    def publish(
+        self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float, new_only: bool = False
+    ) -> int:
         try:
             client = self.client()
         except PublishError:
@@ -330,7 +341,9 @@ class SyncJetStream:
             # nats-py would buffer the message until it reconnects; a write must not wait on that.
             raise PublishError("not connected to NATS (reconnecting)")
         try:
-            return self.run(client.publish(subject, payload, headers=headers, timeout=timeout), timeout + 1)
+            return self.run(
+                client.publish(subject, payload, headers=headers, timeout=timeout, new_only=new_only), timeout + 1
+            )
         except TimeoutError as error:
             raise PublishError("no PubAck within the publish timeout") from error
 

@@ -99,6 +99,13 @@ def _db_call(fn: Callable[..., Any], **kwargs: Any) -> Any:
 BACKLOG_DRAIN_WAIT = 5.0
 
 
+class _BacklogState:
+    last_wait_failed = False
+
+
+_backlog = _BacklogState()
+
+
 def _version_floor(key: str, *, counters_complete: bool) -> int:
     """The version a missing counter starts from.
 
@@ -111,7 +118,11 @@ def _version_floor(key: str, *, counters_complete: bool) -> int:
     still only grow.
     """
     if not counters_complete:
-        drained = _drain_wait.do("backlog", lambda: jetstream.publisher().wait_drained(BACKLOG_DRAIN_WAIT))
+        # Wait once; while the backlog is known not to have drained, only look (no wait), so
+        # each new key does not stall for the full wait again.
+        wait = 0.0 if _backlog.last_wait_failed else BACKLOG_DRAIN_WAIT
+        drained = _drain_wait.do("backlog", lambda: jetstream.publisher().wait_drained(wait))
+        _backlog.last_wait_failed = not drained
         if drained:
             redis_store.mark_counters_complete()
         else:
@@ -158,6 +169,7 @@ def _make_durable(write: PersistWrite) -> None:
             encode(write),
             headers={"Nats-Msg-Id": message_id(write)},
             timeout=settings.BIRB.publish_timeout,
+            new_only=True,
         )
         return
     except jetstream.PublishError as error:

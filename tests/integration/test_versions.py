@@ -128,3 +128,17 @@ def test_messages_round_trip_through_decode() -> None:
     write = decode(orjson.dumps(body))
     assert (write.op, write.key, write.version, write.value_json) == ("set", "k", 3, '{"x":[1]}')
     assert write.expires_at.timestamp() == 1_900_000_000
+
+
+def test_a_write_whose_message_jetstream_drops_as_a_duplicate_is_not_acknowledged(client: Client) -> None:
+    # given a message with the id the next write of this key will use (a version collision)
+    redis_store.mark_counters_complete()  # versions seeded from PostgreSQL, as in normal operation
+    key = unique_key()
+    _publish_raw("set", {"op": "set", "key": key, "version": 1, "value": "other", "metadata": {},
+                         "expires_at": None, "created_at": "2026-11-30T00:00:00Z", "updated_at": "2026-11-30T00:00:00Z"})  # fmt: skip
+    # when the API writes version 1 of the key
+    response = client.post(f"/v1/cache/{key}", {"value": "mine"}, content_type="application/json")
+    # then it does not answer 2xx for a message JetStream dropped, and shows nothing
+    assert response.status_code == 503, response.content
+    assert "duplicate" in response.json()["details"]["reason"]
+    assert redis_store.read(key) is None
