@@ -115,15 +115,22 @@ def test_a_503_during_the_outage_has_the_contract_body(servers, api) -> None:
     assert health.json()["checks"]["database"]["status"] == "healthy"
 
 
-def test_health_names_a_stopped_redis_and_recovers(servers, api) -> None:
+def test_redis_down_reads_fall_back_to_postgresql_writes_503_health_names_it(servers, api, worker) -> None:
     if not servers.owns("redis"):
         pytest.skip("Redis is a shared server (BIRB_TEST_REDIS_URL): this test must stop it")
     wait_for(lambda: httpx.get(f"{api.url}/health").status_code == 200, timeout=20, message="healthy API")
+    key = unique_key("persisted")
+    assert httpx.post(f"{api.url}/v1/cache/{key}", json={"value": {"from": "pg"}}).status_code == 201
+    wait_for(lambda: CacheEntry.objects.filter(key=key).exists(), message="persisted")
     servers.stop("redis")
     try:
+        read = httpx.get(f"{api.url}/v1/cache/{key}", timeout=30)
+        write = httpx.post(f"{api.url}/v1/cache/{unique_key()}", json={"value": 1}, timeout=30)
         health = httpx.get(f"{api.url}/health", timeout=30)
     finally:
         servers.start("redis")
+    assert read.status_code == 200 and read.json()["value"] == {"from": "pg"}
+    assert write.status_code == 503 and write.json()["details"]["dependency"] == "redis"
     assert health.status_code == 503
     assert health.json()["checks"]["redis"]["status"] == "unhealthy"
     assert health.json()["status"] == "unhealthy"
