@@ -24,14 +24,20 @@ run: $(STAMP) ## start PostgreSQL, Redis, NATS (unless *_URL are set), migrate, 
 test: $(STAMP) tools ## run the whole test suite against real servers (started on free ports)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-tools: ## install the Debian tools tests use, when missing (as root; otherwise those tests skip)
-	@command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || \
+tools: ## install the Debian tools tests use when missing (chromium for browser tests, docker-compose)
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing docker-compose (validates docker-compose.yml in tests)"; \
-	    apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1; } || \
-	    echo "note: could not install docker-compose; tests/test_compose.py will skip 'docker compose config'"; \
-	  fi
+	    echo "installing$$missing with apt-get"; \
+	    apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1; } || \
+	    echo "could not install$$missing (browser tests fail without chromium)"; \
+	  else \
+	    echo "missing:$$missing (install with apt-get as root; browser tests fail without chromium)"; \
+	  fi; \
+	fi
 
 lint: $(STAMP) ## ruff lint + format check
 	$(PY) -m ruff check .
@@ -43,3 +49,7 @@ format: $(STAMP) ## ruff format + autofix
 
 clean-data: ## delete var/ (all data of the servers `make run` started)
 	rm -rf var/
+
+.PHONY: bench
+bench: $(STAMP) ## Birb Nest beside Redis, Webdis, nats-py (< 5 min; apt-installs wrk, redis-tools, webdis as root)
+	$(PY) -m bench.run --install-tools $(BENCH_ARGS)
