@@ -25,6 +25,7 @@ ENDPOINTS = [
     "GET /health",
     "GET /metrics",
     "GET /metrics/prometheus",
+    "GET|POST /admin/ratelimit",
     "GET /admin/",
 ]
 

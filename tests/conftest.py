@@ -336,7 +336,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, django_db_setup: Any) -> Itera
     api.stop()
 
 
-def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05, message: str = "condition") -> Any:
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05, message: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()

@@ -1,0 +1,488 @@
+"""Rate limiting on real servers: the limiter, `GET|POST /admin/ratelimit`, the admin pages.
+
+Data-plane requests use a fresh API key each (``X-API-Key``), so tests never share counters;
+requests to a missing key answer 404 when they are let through.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from django.contrib.auth.models import Permission
+from django.db import connection
+from django.test import Client
+from rest_framework.authtoken.models import Token
+
+from ops import ratelimit
+from ops.models import RateLimitClient, RateLimitSettings
+from ops.ratelimit import (
+    REFRESH_SECONDS,
+    config_key,
+    ratelimit_client_clear,
+    ratelimit_config_publish,
+    ratelimit_settings_update,
+)
+from tests.conftest import unique_key, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
+
+
+@pytest.fixture(autouse=True)
+def limiter_reset(transactional_db: Any) -> Any:
+    """Each test starts and ends with rate limiting off, published to every API process."""
+    ratelimit_config_publish()
+    yield
+    RateLimitClient.objects.all().delete()
+    ratelimit_settings_update(enabled=False, limit=100, window=60, algorithm="fixed", by="tests")
+    ratelimit_client_clear(client="127.0.0.1")
+    time.sleep(REFRESH_SECONDS + 0.1)  # the session's API processes have re-read it before the next test
+
+
+def _user(django_user_model: Any, *codenames: str, staff: bool = False) -> Any:
+    user = django_user_model.objects.create_user(username=unique_key("user"), password="x-Pass-9731", is_staff=staff)
+    user.user_permissions.add(*Permission.objects.filter(content_type__app_label="ops", codename__in=codenames))
+    return user
+
+
+@pytest.fixture
+def operator_token(django_user_model: Any) -> str:
+    user = _user(django_user_model, "view_ratelimitsettings", "change_ratelimitsettings")
+    return Token.objects.create(user=user).key
+
+
+@pytest.fixture
+def viewer_token(django_user_model: Any) -> str:
+    return Token.objects.create(user=_user(django_user_model, "view_ratelimitsettings")).key
+
+
+def _post_settings(client: Client, token: str, body: Any, **extra: Any) -> Any:
+    return client.post(
+        "/admin/ratelimit",
+        body if isinstance(body, (str, bytes)) else orjson.dumps(body),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Token {token}",
+        **extra,
+    )
+
+
+def _enable(client: Client, token: str, **settings: Any) -> dict[str, Any]:
+    response = _post_settings(client, token, {"enabled": True, **settings})
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def _get(client: Client, api_key: str | None = None, path: str | None = None) -> Any:
+    extra = {"HTTP_X_API_KEY": api_key} if api_key else {}
+    return client.get(path or f"/v1/cache/{unique_key('absent')}", **extra)
+
+
+def _live_config(redis_client: Any) -> dict[str, Any] | None:
+    raw = redis_client.get(config_key())
+    return None if raw is None else orjson.loads(raw)
+
+
+# --- off by default ---------------------------------------------------------------------------------
+
+
+def test_off_by_default_no_headers_and_never_429(client: Client, api, operator_token: str) -> None:
+    body = client.get("/admin/ratelimit", HTTP_AUTHORIZATION=f"Token {operator_token}").json()
+    assert body["enabled"] is False and body["overrides"] == {} and body["blocked"] == []
+    key = unique_key("apikey")
+    responses = [_get(client, key) for _ in range(30)] + [_get(client) for _ in range(30)]
+    responses += [
+        httpx.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers={"X-API-Key": key}) for _ in range(30)
+    ]
+    assert {response.status_code for response in responses} == {404}
+    assert not any(name in response.headers for response in responses for name in HEADERS)
+
+
+# --- the limit, its answer and headers ---------------------------------------------------------------
+
+
+def test_sixth_request_gets_429_with_the_contract_body_and_headers(
+    client: Client, operator_token: str, redis_client: Any
+) -> None:
+    # given rate limiting enabled by an operator token, 5 per 60 s
+    body = _enable(client, operator_token, limit=5, window=60)
+    assert (body["enabled"], body["limit"], body["window"], body["algorithm"]) == (True, 5, 60, "fixed")
+    assert _live_config(redis_client)["limit"] == 5
+    key = unique_key("apikey")
+    # when one client makes 6 requests
+    allowed = [_get(client, key) for _ in range(5)]
+    limited = _get(client, key)
+    # then the first 5 pass and count down
+    assert [response.status_code for response in allowed] == [404] * 5
+    assert [response["X-RateLimit-Remaining"] for response in allowed] == ["4", "3", "2", "1", "0"]
+    assert {response["X-RateLimit-Limit"] for response in allowed} == {"5"}
+    assert all(1 <= int(response["X-RateLimit-Reset"]) <= 60 for response in allowed)
+    assert not any(response.has_header("Retry-After") for response in allowed)
+    # and the 6th is refused with the contract's body and all four headers
+    assert limited.status_code == 429
+    error = limited.json()
+    assert error["code"] == "RATE_LIMITED" and "rate limit" in error["error"]
+    assert error["details"]["limit"] == 5 and error["details"]["window"] == 60
+    assert limited["X-RateLimit-Limit"] == "5" and limited["X-RateLimit-Remaining"] == "0"
+    reset = int(limited["X-RateLimit-Reset"])
+    assert 1 <= reset <= 60
+    assert int(limited["Retry-After"]) == reset  # fixed window: free again when it resets
+    # another API key still passes; the same key as a Bearer token is the same client
+    other = _get(client, unique_key("apikey"))
+    assert other.status_code == 404 and other["X-RateLimit-Remaining"] == "4"
+    bearer = client.get(f"/v1/cache/{unique_key('absent')}", HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert bearer.status_code == 429
+    # and nothing outside /v1/ is limited, whoever asks
+    for path in ("/health", "/metrics", "/"):
+        response = _get(client, key, path)
+        assert response.status_code != 429 and not response.has_header("X-RateLimit-Limit")
+
+
+def test_clients_without_api_key_are_limited_by_address(client: Client, operator_token: str) -> None:
+    ratelimit_client_clear(client="127.0.0.1")
+    _enable(client, operator_token, limit=2)
+    statuses = [_get(client).status_code for _ in range(3)]
+    forwarded = client.get(f"/v1/cache/{unique_key('absent')}", HTTP_X_FORWARDED_FOR="203.0.113.9")
+    assert statuses == [404, 404, 429]
+    assert forwarded.status_code == 429  # X-Forwarded-For is not trusted
+
+
+# --- POST /admin/ratelimit ---------------------------------------------------------------------------
+
+
+def test_runbook_command_works_with_an_operator_token(client: Client, operator_token: str) -> None:
+    # curl -X POST $H/admin/ratelimit -d '{"enabled": true, "limit": 10}' (curl sends a form type)
+    response = client.post(
+        "/admin/ratelimit",
+        b'{"enabled": true, "limit": 10}',
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=f"Token {operator_token}",
+    )
+    assert response.status_code == 200
+    assert response.json() | {"updated_at": None} == {
+        "enabled": True,
+        "limit": 10,
+        "window": 60,
+        "algorithm": "fixed",
+        "overrides": {},
+        "blocked": [],
+        "updated_at": None,
+        "updated_by": Token.objects.get(key=operator_token).user.username,
+    }
+    # partial update: only the window changes
+    assert _post_settings(client, operator_token, {"window": 30}).json()["limit"] == 10
+    row = RateLimitSettings.objects.get(pk=1)
+    assert (row.enabled, row.limit, row.window) == (True, 10, 30)
+
+
+def test_staff_session_needs_the_permission_and_a_csrf_token(django_user_model: Any) -> None:
+    staff = _user(django_user_model, "change_ratelimitsettings", staff=True)
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(staff)
+    # without the CSRF token: refused
+    response = browser.post("/admin/ratelimit", b'{"enabled": true}', content_type="application/json")
+    assert response.status_code == 403 and response.json()["code"] == "FORBIDDEN"
+    assert "CSRF" in response.json()["error"]
+    # with the token the admin's pages hand out: accepted
+    browser.get("/admin/")
+    csrf = browser.cookies["csrftoken"].value
+    response = browser.post(
+        "/admin/ratelimit", b'{"enabled": true, "limit": 7}', content_type="application/json", HTTP_X_CSRFTOKEN=csrf
+    )
+    assert response.status_code == 200
+    assert response.json()["limit"] == 7 and response.json()["updated_by"] == staff.username
+    assert browser.get("/admin/ratelimit").json()["enabled"] is True
+
+
+def test_who_may_read_and_change_the_settings(client: Client, django_user_model: Any, viewer_token: str) -> None:
+    body = b'{"enabled": true}'
+
+    def post(c: Client = client, **headers: Any) -> Any:
+        return c.post("/admin/ratelimit", body, content_type="application/json", **headers)
+
+    # no credentials, a wrong token, another scheme: 401
+    for headers in ({}, {"HTTP_AUTHORIZATION": "Token nope"}, {"HTTP_AUTHORIZATION": "Basic dXNlcjpwdw=="}):
+        response = post(**headers)
+        assert response.status_code == 401 and response.json()["code"] == "UNAUTHORIZED"
+        assert response["WWW-Authenticate"].startswith("Token")
+    assert client.get("/admin/ratelimit").status_code == 401
+    # a token of a user without the permission: 403
+    nobody = Token.objects.create(user=_user(django_user_model)).key
+    response = post(HTTP_AUTHORIZATION=f"Token {nobody}")
+    assert response.status_code == 403 and response.json()["code"] == "FORBIDDEN"
+    assert client.get("/admin/ratelimit", HTTP_AUTHORIZATION=f"Bearer {nobody}").status_code == 403
+    # a viewer may read, not change
+    assert client.get("/admin/ratelimit", HTTP_AUTHORIZATION=f"Bearer {viewer_token}").status_code == 200
+    assert post(HTTP_AUTHORIZATION=f"Token {viewer_token}").status_code == 403
+    # sessions: staff without the permission, or a non-staff user with it: 403
+    for user in (_user(django_user_model, staff=True), _user(django_user_model, "change_ratelimitsettings")):
+        session = Client()
+        session.force_login(user)
+        assert post(session).status_code == 403
+    # an inactive operator's token no longer works
+    operator = _user(django_user_model, "change_ratelimitsettings")
+    token = Token.objects.create(user=operator).key
+    operator.is_active = False
+    operator.save()
+    assert post(HTTP_AUTHORIZATION=f"Token {token}").status_code == 401
+    assert RateLimitSettings.objects.get(pk=1).enabled is False
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"limit": 0}',
+        b'{"limit": "10"}',
+        b'{"limit": 2.5}',
+        b'{"limit": true}',
+        b'{"limit": null}',
+        b'{"window": 0}',
+        b'{"enabled": "yes"}',
+        b'{"enabled": 1}',
+        b'{"algorithm": "token-bucket"}',
+        b'{"enabled": true, "burst": 5}',
+    ],
+)
+def test_invalid_settings_are_400_and_change_nothing(client: Client, operator_token: str, body: bytes) -> None:
+    response = _post_settings(client, operator_token, body)
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == "INVALID_REQUEST"
+    assert RateLimitSettings.objects.get(pk=1).enabled is False
+
+
+def test_other_methods_are_405(client: Client, operator_token: str) -> None:
+    response = client.put("/admin/ratelimit", b"{}", HTTP_AUTHORIZATION=f"Token {operator_token}")
+    assert response.status_code == 405 and response["Allow"] == "GET, POST"
+
+
+# --- every API process, within a second -------------------------------------------------------------
+
+
+def test_the_api_processes_apply_new_settings_within_a_second(api, operator_token: str) -> None:
+    key = unique_key("apikey")
+
+    def probe() -> int:  # a new connection each time, so both granian processes answer
+        return httpx.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers={"X-API-Key": key}).status_code
+
+    assert {probe() for _ in range(20)} == {404}  # both processes hold "disabled", freshly read
+    response = httpx.post(
+        f"{api.url}/admin/ratelimit",
+        json={"enabled": True, "limit": 1, "window": 60},
+        headers={"Authorization": f"Token {operator_token}"},
+    )
+    returned = time.monotonic()
+    assert response.status_code == 200 and response.json()["limit"] == 1
+    wait_for(lambda: probe() == 429, timeout=3, interval=0.005, message="a 429 from the API")
+    first_429 = time.monotonic() - returned
+    print(f"first 429 from the API subprocess {first_429 * 1000:.0f} ms after the POST returned")
+    assert first_429 < 1.5
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - returned)))
+    assert Counter(probe() for _ in range(40)) == {429: 40}  # by now every process applies it
+
+
+def test_concurrent_requests_are_counted_exactly(api, operator_token: str) -> None:
+    client = Client()
+    _enable(client, operator_token, limit=20, window=60)
+    time.sleep(REFRESH_SECONDS + 0.1)
+    key = unique_key("apikey")
+    start = threading.Barrier(50)
+    responses: list[httpx.Response] = []
+
+    def request() -> None:
+        with httpx.Client(timeout=10) as http:
+            start.wait()
+            responses.append(http.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers={"X-API-Key": key}))
+
+    threads = [threading.Thread(target=request) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = Counter(response.status_code for response in responses)
+    assert statuses == {404: 20, 429: 30}
+    remaining = sorted(int(r.headers["X-RateLimit-Remaining"]) for r in responses if r.status_code == 404)
+    assert remaining == list(range(20))  # each allowed request saw its own count: no lost update
+
+
+# --- per-client rules and the admin ------------------------------------------------------------------
+
+
+def test_a_per_client_override_saved_in_the_admin(
+    admin_client: Client, client: Client, operator_token: str, redis_client: Any
+) -> None:
+    _enable(client, operator_token, limit=5)
+    special = unique_key("apikey")
+    response = admin_client.post(
+        "/admin/ops/ratelimitclient/add/", {"client": special, "limit": "2", "note": "batch importer"}
+    )
+    assert response.status_code == 302, response.content
+    assert _live_config(redis_client)["overrides"] == {special: 2}
+    assert [_get(client, special).status_code for _ in range(3)] == [404, 404, 429]
+    assert _get(client, special)["X-RateLimit-Limit"] == "2"
+    assert _get(client, unique_key("apikey"))["X-RateLimit-Limit"] == "5"
+
+
+def test_block_and_unblock_with_the_admin_actions(admin_client: Client, client: Client) -> None:
+    bad, good = unique_key("apikey"), unique_key("apikey")
+    rule = RateLimitClient.objects.create(client=bad, note="abuse")
+    RateLimitClient.objects.create(client=good)
+    # when an operator blocks one client (rate limiting itself is off)
+    response = admin_client.post(
+        "/admin/ops/ratelimitclient/", {"action": "block_selected", "_selected_action": [rule.pk]}, follow=True
+    )
+    assert "Blocked 1 client(s)" in response.content.decode()
+    # then it is refused with 403, and only it
+    refused = _get(client, bad)
+    assert refused.status_code == 403
+    assert refused.json()["code"] == "FORBIDDEN" and "blocked" in refused.json()["error"]
+    assert _get(client, good).status_code == 404
+    # when it is unblocked, it passes again
+    response = admin_client.post(
+        "/admin/ops/ratelimitclient/", {"action": "unblock_selected", "_selected_action": [rule.pk]}, follow=True
+    )
+    assert "Unblocked 1 client(s)" in response.content.decode()
+    assert _get(client, bad).status_code == 404
+
+
+def test_clear_counters_lets_a_limited_client_in_again(
+    admin_client: Client, client: Client, operator_token: str
+) -> None:
+    _enable(client, operator_token, limit=2)
+    key = unique_key("apikey")
+    rule = RateLimitClient.objects.create(client=key)
+    assert [_get(client, key).status_code for _ in range(3)] == [404, 404, 429]
+    page = admin_client.get("/admin/ops/ratelimitclient/").content.decode()
+    assert "Requests in this window" in page and '<td class="field-current_count">2</td>' in page
+    response = admin_client.post(
+        "/admin/ops/ratelimitclient/", {"action": "clear_counters", "_selected_action": [rule.pk]}, follow=True
+    )
+    assert "Cleared the counters of 1 client(s) (1 had requests" in response.content.decode()
+    assert _get(client, key).status_code == 404
+
+
+def test_settings_admin_is_one_row_and_publishes_on_save(
+    admin_client: Client, admin_user: Any, redis_client: Any
+) -> None:
+    with connection.cursor() as cursor:  # no signals: a delete would publish, which recreates the row
+        cursor.execute(f"DELETE FROM {RateLimitSettings._meta.db_table}")
+    response = admin_client.get("/admin/ops/ratelimitsettings/")
+    assert response.status_code == 302 and response["Location"] == "/admin/ops/ratelimitsettings/1/change/"
+    assert RateLimitSettings.objects.filter(pk=1).exists()
+    assert admin_client.get("/admin/ops/ratelimitsettings/add/").status_code == 403
+    assert admin_client.get("/admin/ops/ratelimitsettings/1/delete/").status_code == 403
+    page = admin_client.get("/admin/ops/ratelimitsettings/1/change/").content.decode()
+    assert "Applied by the API processes" in page and "rate limiting off" in page
+    response = admin_client.post(
+        "/admin/ops/ratelimitsettings/1/change/",
+        {"enabled": "on", "limit": "7", "window": "30", "algorithm": "sliding"},
+    )
+    assert response.status_code == 302, response.content
+    live = _live_config(redis_client)
+    assert (live["enabled"], live["limit"], live["window"], live["algorithm"]) == (True, 7, 30, "sliding")
+    assert live["updated_by"] == admin_user.username
+
+
+# --- Redis and PostgreSQL losing things --------------------------------------------------------------
+
+
+def test_config_is_rebuilt_from_postgresql_when_redis_comes_back_empty(
+    api, client: Client, operator_token: str, flush_redis: Any, redis_client: Any
+) -> None:
+    _enable(client, operator_token, limit=3)
+    flush_redis()
+    assert _live_config(redis_client) is None
+    time.sleep(REFRESH_SECONDS + 0.1)
+    key = unique_key("apikey")
+    statuses = [
+        httpx.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers={"X-API-Key": key}).status_code
+        for _ in range(4)
+    ]
+    live = _live_config(redis_client)
+    assert live is not None and (live["enabled"], live["limit"]) == (True, 3)
+    assert statuses == [404, 404, 404, 429]
+
+
+def _wait_until_healthy(api: Any) -> None:
+    """After a server restart: both API processes have reconnected (later tests expect a healthy API)."""
+
+    def healthy() -> bool:
+        return all(httpx.get(api.url + "/health", timeout=5).status_code == 200 for _ in range(6))
+
+    wait_for(healthy, timeout=30, interval=0.2, message="a healthy API after the restart")
+
+
+def test_postgresql_down_while_the_config_is_missing_keeps_the_last_one(
+    servers, api, client: Client, operator_token: str, flush_redis: Any
+) -> None:
+    if not servers.owns("postgres"):
+        pytest.skip("PostgreSQL is an external server (BIRB_TEST_DATABASE_URL): this test must stop it")
+    _enable(client, operator_token, limit=1)
+    key = unique_key("apikey")
+    servers.stop("postgres")
+    try:
+        flush_redis()
+        time.sleep(REFRESH_SECONDS + 0.1)
+        first, second = _get(client, key), _get(client, key)
+    finally:
+        servers.start("postgres")
+        _wait_until_healthy(api)
+    assert first.status_code == 503  # let through; a miss needs PostgreSQL
+    assert second.status_code == 429  # still limited by the config this process knew
+
+
+def test_redis_down_fails_open(servers, api, client: Client, operator_token: str) -> None:
+    if not servers.owns("redis"):
+        pytest.skip("Redis is an external server (BIRB_TEST_REDIS_URL): this test must stop it")
+    _enable(client, operator_token, limit=1)
+    key = unique_key("apikey")
+    assert _get(client, key).status_code == 404
+    servers.stop("redis")
+    try:
+        through = [_get(client, key) for _ in range(3)]
+    finally:
+        servers.start("redis")
+        _wait_until_healthy(api)
+    assert [response.status_code for response in through] == [404] * 3  # read from PostgreSQL, not limited
+    assert not any(response.has_header("X-RateLimit-Limit") for response in through)
+    # back: the config is rebuilt from PostgreSQL and applies again
+    time.sleep(REFRESH_SECONDS + 0.1)
+    assert [_get(client, key).status_code for _ in range(2)] == [404, 429]
+
+
+# --- sliding window ----------------------------------------------------------------------------------
+
+
+def _sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.time()))
+
+
+def test_sliding_window_weighs_the_previous_window(client: Client, operator_token: str) -> None:
+    _enable(client, operator_token, limit=4, window=2, algorithm="sliding")
+    key = unique_key("apikey")
+    a = (time.time() // 2 + 1) * 2  # windows are aligned on the epoch: window A starts at a, B at a + 2
+    # window A: 4 allowed, the 5th not
+    _sleep_until(a + 0.05)
+    assert [_get(client, key).status_code for _ in range(5)] == [404] * 4 + [429]
+    # window B begins: a fixed window would start afresh, the sliding one still counts ~4 from A
+    _sleep_until(a + 2.1)
+    refused = _get(client, key)
+    assert refused.status_code == 429
+    assert refused["Retry-After"] == "1"  # A weighs 4 * (2 - e) / 2: down to 3, room for one, at e = 0.5 s
+    # 1.2 s into B, A weighs 4 * 0.4 = 1.6: two more requests fit under 4, not three
+    _sleep_until(a + 3.2)
+    assert [_get(client, key).status_code for _ in range(3)] == [404, 404, 429]
+
+
+def test_the_compiled_config_survives_its_json_round_trip() -> None:
+    config = ratelimit.RateLimitConfig(
+        enabled=True, limit=3, window=9, algorithm="sliding", overrides={"k": 1}, blocked=frozenset({"b"})
+    )
+    assert ratelimit.RateLimitConfig.from_json(config.to_json()) == config
