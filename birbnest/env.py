@@ -135,6 +135,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WORKER_BATCH_TIMEOUT", "1s", parse_duration, "How long the worker waits to fill a batch."),
     Setting("WORKER_CONSUMER_GROUP", "birb-worker", parse_nats_name, "Durable consumer name shared by all workers."),
     Setting("WORKER_MAX_DELIVER", "5", _int(1), "Deliveries of one message before it is dead-lettered."),
+    Setting(
+        "WARM_CACHE_ON_START",
+        "false",
+        parse_bool,
+        "Queue a rehydration of every live entry when the job runner starts.",
+    ),
     Setting("WORKER_LIVENESS_FILE", "", _str, "File the worker touches every loop (default <data dir>/worker.alive)."),
     Setting(
         "WRITE_FALLBACK",
@@ -185,6 +191,7 @@ class Config:
     worker_batch_timeout: float
     worker_consumer_group: str
     worker_max_deliver: int
+    warm_cache_on_start: bool
     worker_liveness_file: str
     write_fallback: str
     tombstone_retention: float

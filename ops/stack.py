@@ -682,6 +682,11 @@ def _serve(with_apps: bool) -> int:
                 _Child("worker", [sys.executable, "manage.py", "runworker"]),
                 # The live dashboard's websocket server (ASGI, its own port; see birbnest/asgi.py).
                 _Child("dashboard", [sys.executable, "manage.py", "rundashboard"]),
+                # Background jobs started from the console (rehydration), one at a time.
+                _Child(
+                    "jobs",
+                    [sys.executable, "manage.py", "runjobs", *(["--warm"] if config.warm_cache_on_start else [])],
+                ),
             ]
             for child in children:
                 child.start(BASE_DIR, env)
@@ -696,7 +701,7 @@ def _serve(with_apps: bool) -> int:
         signal.signal(signal.SIGINT, _ignore_while_stopping)
         signal.signal(signal.SIGTERM, _ignore_while_stopping)
         if children:
-            logger.info("stopping the API, the worker and the dashboard")
+            logger.info("stopping the API, the worker, the dashboard and the job runner")
             _stop_children(children)
         if stack is not None:
             stack.stop()
