@@ -67,3 +67,75 @@ def test_enable_rate_limiting_in_the_console_and_a_client_gets_429(page, api, op
         assert limited.headers["X-RateLimit-Limit"] == "3" and "Retry-After" in limited.headers
     finally:
         ratelimit.ratelimit_settings_update(enabled=False)
+
+
+def test_find_an_entry_by_prefix_edit_it_and_see_the_new_version_in_postgresql(page, api, operator, worker) -> None:
+    import time
+
+    import httpx
+
+    from persistence.models import CacheEntry
+
+    prefix = f"browser-{time.time_ns()}"
+    for n in range(3):
+        httpx.post(f"{api.url}/v1/cache/{prefix}:{n}", json={"value": {"n": n}})
+    target = f"{prefix}:1"
+    wait_for(lambda: CacheEntry.objects.filter(key=target, version=1).exists(), message="entry persisted")
+    log_in(page, api.url, operator.username)
+    page.goto(f"{api.url}/admin/persistence/cacheentry/")
+    page.fill("#searchbar", prefix)
+    page.press("#searchbar", "Enter")
+    page.wait_for_selector(f"text={target}")
+    assert page.locator("#result_list tbody tr").count() == 3
+    shot(page, "02-entries-search-by-prefix")
+    page.click(f"text={target}")
+    page.wait_for_selector("#id_value_json")
+    page.fill("#id_value_json", '{"n": 1, "edited": "in the browser"}')
+    shot(page, "03-entry-edit")
+    page.click("input[name=_save]")
+    page.wait_for_selector(".messagelist")
+    row = wait_for(lambda: CacheEntry.objects.filter(key=target, version=2).first(), message="new version persisted")
+    assert row.value == {"n": 1, "edited": "in the browser"}
+    assert httpx.get(f"{api.url}/v1/cache/{target}").json()["version"] == 2
+
+
+def test_retry_a_dead_letter_from_the_console_and_see_it_persisted(page, api, operator, worker) -> None:
+    import time
+
+    import httpx
+    from django.db import connection
+
+    from persistence.models import CacheEntry
+
+    key = f"poison-{time.time_ns()}"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE OR REPLACE FUNCTION birb_browser_reject() RETURNS trigger AS $$ BEGIN "
+            f"IF NEW.key = '{key}' THEN RAISE EXCEPTION 'refused by a test trigger'; END IF; RETURN NEW; END $$ "
+            "LANGUAGE plpgsql"
+        )
+        cursor.execute(
+            "CREATE TRIGGER birb_browser_reject BEFORE INSERT OR UPDATE ON cache_entries "
+            "FOR EACH ROW EXECUTE FUNCTION birb_browser_reject()"
+        )
+    try:
+        assert httpx.post(f"{api.url}/v1/cache/{key}", json={"value": "poison"}).status_code == 201
+        log_in(page, api.url, operator.username)
+
+        def listed() -> bool:
+            page.goto(f"{api.url}/admin/deadletters/")
+            return page.locator(f"#result_list >> text={key}").count() > 0
+
+        wait_for(listed, timeout=30, interval=1, message="the dead letter in the console")
+        shot(page, "07-dead-letters")
+    finally:
+        with connection.cursor() as cursor:  # the cause, fixed
+            cursor.execute("DROP TRIGGER IF EXISTS birb_browser_reject ON cache_entries")
+            cursor.execute("DROP FUNCTION IF EXISTS birb_browser_reject()")
+    row = page.locator("#result_list tr", has_text=key)
+    row.locator("input.action-select").check()
+    page.click("button[value=retry_selected]")
+    page.wait_for_selector(".messagelist")
+    shot(page, "08-dead-letter-retried")
+    persisted = wait_for(lambda: CacheEntry.objects.filter(key=key).first(), message="retried write persisted")
+    assert persisted.value == "poison" and persisted.version == 1
