@@ -154,6 +154,15 @@ def _chunks(items: Any, size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+@pytest.fixture(autouse=True)
+def _fresh_content_type_cache() -> None:
+    """A transactional test's flush recreates content types with new ids; the per-process
+    cache would otherwise hand out the old ones (and permission lookups fail)."""
+    from django.contrib.contenttypes.models import ContentType
+
+    ContentType.objects.clear_cache()
+
+
 @pytest.fixture
 def redis_client() -> Any:
     from persistence import redis_store

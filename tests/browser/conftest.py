@@ -43,8 +43,10 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Module-scoped: Playwright's sync API keeps an event loop running in this thread until it
+    stops, and later tests call asyncio.run()."""
     from playwright.sync_api import sync_playwright
 
     executable = chromium_path()

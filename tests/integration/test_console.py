@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from django.contrib.auth.models import Group, Permission
+from django.contrib.auth.models import Group
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -36,15 +36,12 @@ DLQ = "/admin/deadletters/"
 
 
 def console_group(name: str) -> Group:
-    """The group migration ops/0002 creates (a transactional test's flush empties auth_group)."""
-    migration = importlib.import_module("ops.migrations.0002_console_groups")
-    wanted = {"viewer": migration.VIEWER, "operator": migration.OPERATOR}[name]
-    group, created = Group.objects.get_or_create(name=name)
-    if created:
-        group.permissions.set(
-            [Permission.objects.get(content_type__app_label=app, codename=codename) for app, codename in wanted]
-        )
-    return group
+    """The group migration ops/0002 creates. A transactional test's flush empties auth_group
+    (and may leave permissions missing): recreate both with the migration's own function."""
+    from django.apps import apps
+
+    importlib.import_module("ops.migrations.0002_console_groups").create_groups(apps, None)
+    return Group.objects.get(name=name)
 
 
 @pytest.fixture

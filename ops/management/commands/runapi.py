@@ -36,7 +36,9 @@ class Command(BaseCommand):
             "--port", str(port),
             "--workers", str(config.api_workers),
             "--blocking-threads", str(config.api_threads),
-            "--backpressure", str(config.api_threads * 4),
+            # Requests beyond the threads wait in granian; it does not read connections past this
+            # many per process, so it must cover every client connection (wrk -c50 and more).
+            "--backpressure", "512",
             "--no-ws",
             "--log-level", "warning",
             "birbnest.wsgi:application",

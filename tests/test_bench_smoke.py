@@ -1,0 +1,77 @@
+"""`make bench` cannot rot: its smoke version (every measurement for ~1.5 s, a 2,000-message
+backlog) runs here and must produce every figure. A benchmark, not a test of speed: nothing is
+asserted about how fast anything is. References may be skipped when their tools are missing;
+without wrk the bench loads the API with its built-in Python client (smoke runs only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+HTTP_FIGURES = ("get_hit", "get_miss", "post", "batch_get")
+REFERENCES = ("redis_get", "webdis_get")
+
+
+def run_smoke(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DJANGO_SETTINGS_MODULE", "PROMETHEUS_MULTIPROC_DIR")}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out), *extra],
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, f"bench.run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done, json.loads((out / "latest.json").read_text())
+
+
+def check_figures(data: dict[str, Any]) -> None:
+    r = data["results"]
+    assert data["smoke"] is True
+    for name in REFERENCES:
+        figure = r[name]
+        assert "skipped" in figure or (figure["rps"] > 0 and figure["p99_ms"] >= figure["p50_ms"] > 0), (name, figure)
+    for name in HTTP_FIGURES:
+        figure = r[name]
+        assert figure["rps"] > 0 and figure["p99_ms"] >= figure["p50_ms"] > 0, (name, figure)
+        # The figures must be of answers, not of errors.
+        assert figure["non_2xx"] <= 0.1 * figure["requests"], (name, figure)
+    assert r["get_miss"]["miss_fraction"] > 0.5, r["get_miss"]
+    assert r["jetstream_fetch_ack"]["rate"] > 0 and r["jetstream_fetch_ack"]["messages"] == 2000
+    drain = r["worker_drain"]
+    assert drain["drained"] and drain["rate"] > 0 and drain["rows_in_postgresql"] == 2000, drain
+    lag = r["persist_lag"]
+    assert lag["seen_in_postgresql"] > 0 and lag["not_seen_after_30s"] == 0 and lag["p99_ms"] >= lag["p50_ms"], lag
+    rss = r["rss_mb"]
+    assert rss.get("worker", 0) > 0 and any(role.startswith("api worker") for role in rss), rss
+    assert {t["target"] for t in data["targets"]} >= {"GET hit throughput", "durable write throughput"}
+    assert data["settings"]["value_size_bytes"] == 200 and data["settings"]["keys"]["get_miss_and_backlog"] == 2000
+    assert data["settings"]["versions"]["postgresql"]
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    done, data = run_smoke(tmp_path)
+    check_figures(data)
+    assert "| Birb Nest GET hit |" in done.stdout and "| target | required | measured |" in done.stdout
+    assert sorted(p.name for p in tmp_path.glob("bench-*-smoke.json")), "the timestamped JSON is missing"
+
+
+def test_bench_smoke_without_tools(tmp_path: Path) -> None:
+    """A machine without wrk, redis-benchmark and webdis: references skipped, Python load instead."""
+    if not shutil.which("wrk"):
+        pytest.skip("wrk is not installed: test_bench_smoke already ran without it")
+    _, data = run_smoke(tmp_path, "--without", "wrk", "--without", "redis-benchmark", "--without", "webdis")
+    check_figures(data)
+    for name in REFERENCES:
+        assert "skipped" in data["results"][name]
+    assert "python load generator" in data["results"]["get_hit"]["command"]
+    assert any("wrk is not installed" in note for note in data["notes"])
