@@ -134,8 +134,9 @@ def test_a_write_whose_message_jetstream_drops_as_a_duplicate_is_not_acknowledge
     # given a message with the id the next write of this key will use (a version collision)
     redis_store.mark_counters_complete()  # versions seeded from PostgreSQL, as in normal operation
     key = unique_key()
-    _publish_raw("set", {"op": "set", "key": key, "version": 1, "value": "other", "metadata": {},
-                         "expires_at": None, "created_at": "2026-11-30T00:00:00Z", "updated_at": "2026-11-30T00:00:00Z"})  # fmt: skip
+    stamp = "2026-11-30T00:00:00Z"
+    body = {"op": "set", "key": key, "version": 1, "value": "other", "metadata": {}, "expires_at": None}
+    _publish_raw("set", {**body, "created_at": stamp, "updated_at": stamp})
     # when the API writes version 1 of the key
     response = client.post(f"/v1/cache/{key}", {"value": "mine"}, content_type="application/json")
     # then it does not answer 2xx for a message JetStream dropped, and shows nothing
