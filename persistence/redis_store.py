@@ -230,19 +230,15 @@ def mark_counters_complete() -> None:
     client().set(counters_marker_key(), "1")
 
 
+def store_args(entry: StoredEntry) -> list[Any]:
+    """ARGV of the store script for one entry (also used pipelined by rehydration)."""
+    expires = "" if entry.expires_at_ms is None else entry.expires_at_ms
+    return [entry.version, entry.value_json, entry.metadata_json, entry.created_at, entry.updated_at, expires]
+
+
 def store(entry: StoredEntry) -> tuple[bool, bool, str]:
     """Store unless a newer version is there. Returns (stored, is_new, created_at)."""
-    stored, is_new, created = scripts().store_entry(
-        keys=[entry_key(entry.key)],
-        args=[
-            entry.version,
-            entry.value_json,
-            entry.metadata_json,
-            entry.created_at,
-            entry.updated_at,
-            "" if entry.expires_at_ms is None else entry.expires_at_ms,
-        ],
-    )
+    stored, is_new, created = scripts().store_entry(keys=[entry_key(entry.key)], args=store_args(entry))
     return bool(stored), bool(is_new), _text(created)
 
 

@@ -59,18 +59,7 @@ def _store_chunk(entries: list[StoredEntry], *, force: bool) -> list[bool]:
     for entry in entries:
         if force:
             pipe.delete(entry_key(entry.key))
-        script(
-            keys=[entry_key(entry.key)],
-            args=[
-                entry.version,
-                entry.value_json,
-                entry.metadata_json,
-                entry.created_at,
-                entry.updated_at,
-                "" if entry.expires_at_ms is None else entry.expires_at_ms,
-            ],
-            client=pipe,
-        )
+        script(keys=[entry_key(entry.key)], args=redis_store.store_args(entry), client=pipe)
     replies = pipe.execute()
     if force:
         replies = replies[1::2]
