@@ -354,3 +354,14 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05, mess
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def clear_of_window_edge(window: int, margin: float = 5.0) -> None:
+    """Fixed windows are aligned on the epoch: when one ends, every count starts afresh.
+
+    A test that counts requests against a limit must not straddle that moment, so when fewer
+    than ``margin`` seconds are left in the current window, wait for the next one.
+    """
+    left = window - time.time() % window
+    if left < margin:
+        time.sleep(left + 0.05)
