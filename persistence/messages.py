@@ -14,7 +14,9 @@ import orjson
 
 from persistence.keys import is_valid_key
 
-OPS = ("set", "delete")
+OP_SET = "set"
+OP_DELETE = "delete"
+OPS = (OP_SET, OP_DELETE)
 
 
 class PoisonMessageError(Exception):

@@ -36,8 +36,8 @@ from redis.exceptions import RedisError
 
 from persistence import jetstream, redis_store
 from persistence.messages import PersistWrite, PoisonMessageError, decode, isoformat, latest_per_key
-from persistence.services import cache_entries_upsert_many
 from persistence.worker.config import WorkerConfig, reload_config
+from persistence.write_behind import cache_entries_upsert_many
 
 logger = logging.getLogger("persistence.worker")
 

@@ -12,7 +12,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from persistence import jetstream, redis_store, services
+from persistence import jetstream, redis_store, write_behind
 from persistence.messages import PersistWrite, decode, latest_per_key
 from persistence.models import CacheEntry
 from tests.conftest import unique_key, wait_for
@@ -99,18 +99,18 @@ def _write(key: str, version: int, value: object, op: str = "set") -> PersistWri
 def test_the_upsert_is_one_statement_and_never_lowers_a_version() -> None:
     keys = [unique_key() for _ in range(200)]
     with CaptureQueriesContext(connection) as queries:
-        services.cache_entries_upsert_many(writes=[_write(k, 5, {"v": 5}) for k in keys])
+        write_behind.cache_entries_upsert_many(writes=[_write(k, 5, {"v": 5}) for k in keys])
     upserts = [q for q in queries.captured_queries if "INSERT INTO" in q["sql"]]
     assert len(upserts) == 1
     assert CacheEntry.objects.filter(key__in=keys).count() == 200
 
     # a lower version (a redelivery, a replay, a slower worker) changes nothing
-    services.cache_entries_upsert_many(writes=[_write(keys[0], 4, "older"), _write(keys[1], 6, "newer")])
+    write_behind.cache_entries_upsert_many(writes=[_write(keys[0], 4, "older"), _write(keys[1], 6, "newer")])
     assert CacheEntry.objects.get(key=keys[0]).value == {"v": 5}
     assert CacheEntry.objects.get(key=keys[1]).value == "newer"
     # a delete keeps its version as a tombstone
-    services.cache_entries_upsert_many(writes=[_write(keys[2], 7, None, op="delete")])
-    services.cache_entries_upsert_many(writes=[_write(keys[2], 6, "late")])
+    write_behind.cache_entries_upsert_many(writes=[_write(keys[2], 7, None, op="delete")])
+    write_behind.cache_entries_upsert_many(writes=[_write(keys[2], 6, "late")])
     tombstone = CacheEntry.objects.get(key=keys[2])
     assert tombstone.deleted and tombstone.version == 7
 
