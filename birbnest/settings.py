@@ -54,6 +54,13 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# What `/v1/` runs instead (birbnest/wsgi.py): the API does not use sessions, CSRF, users,
+# messages or static files. Plain callables only (no process_view hooks).
+DATA_PLANE_MIDDLEWARE = [
+    "ops.metrics.metrics_middleware",
+    "ops.ratelimit.ratelimit_middleware",
+    "django.middleware.security.SecurityMiddleware",
+]
 
 ROOT_URLCONF = "birbnest.urls"
 APPEND_SLASH = False

@@ -9,11 +9,12 @@ from ops import ratelimit_api
 from ops import views as ops_views
 
 urlpatterns = [
+    # First: the data plane is most of the traffic, and patterns are tried in order.
+    path("v1/cache/", include("cache_api.urls")),
     path("", ops_views.root, name="root"),
     path("health", ops_views.health_view, name="health"),
     path("metrics", ops_views.metrics_view, name="metrics"),
     path("metrics/prometheus", ops_views.prometheus_view, name="metrics-prometheus"),
-    path("v1/cache/", include("cache_api.urls")),
     path("admin/ratelimit", ratelimit_api.ratelimit_settings_api, name="admin-ratelimit"),
     path("admin/deadletters/", include("ops.deadletter_urls")),
     path("admin/dashboard/", include("ops.dashboard_urls")),

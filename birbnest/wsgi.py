@@ -1,9 +1,78 @@
-"""WSGI entry point: the REST API is served through WSGI (granian), see README "Serving model"."""
+"""WSGI entry point: the REST API is served through WSGI (granian), see README "Serving model".
 
+Two Django handlers share one process, settings, URLconf and views:
+
+- ``/v1/`` (the data plane) runs only ``DATA_PLANE_MIDDLEWARE``: metrics, the rate limiter and
+  the security headers. Sessions, CSRF, authentication, messages and static files serve the
+  admin; a cache read does not use them. It also skips Django's ``request_started`` /
+  ``request_finished`` signals, whose receivers look at every database and cache connection
+  after each request; it returns a PostgreSQL connection to the pool itself, in the rare request
+  that used one (a read-through miss). On 2 cores these costs were most of a cache hit's
+  (BENCHMARKS.md, history).
+- everything else (admin, health, metrics, root) runs the full ``MIDDLEWARE`` and handler.
+
+After start-up the objects loaded so far are frozen out of the garbage collector's reach
+(``gc.freeze()``): a full collection no longer walks Django's ~90,000 long-lived objects.
+"""
+
+import gc
 import os
+from typing import Any
 
-from django.core.wsgi import get_wsgi_application
+import django
+from django.conf import settings
+from django.core.handlers.exception import convert_exception_to_response
+from django.core.handlers.wsgi import WSGIHandler, get_script_name
+from django.db import close_old_connections, connection
+from django.urls import set_script_prefix
+from django.utils.module_loading import import_string
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "birbnest.settings")
+DATA_PLANE_PREFIX = "/v1/"
 
-application = get_wsgi_application()
+
+class DataPlaneHandler(WSGIHandler):
+    """A WSGIHandler whose middleware chain is ``settings.DATA_PLANE_MIDDLEWARE``.
+
+    Those middlewares must be plain synchronous callables (no ``process_view`` or
+    ``process_exception`` hooks); the views, URLconf and error handlers are the same as the
+    full handler's.
+    """
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware = []
+        self._template_response_middleware = []
+        self._exception_middleware = []
+        handler = convert_exception_to_response(self._get_response)
+        for path in reversed(settings.DATA_PLANE_MIDDLEWARE):
+            handler = convert_exception_to_response(import_string(path)(handler))
+        self._middleware_chain = handler
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        set_script_prefix(get_script_name(environ))
+        response = self.get_response(self.request_class(environ))
+        if response.streaming or response.cookies:  # not on the data plane today; the general path
+            response._handler_class = self.__class__
+            start_response(f"{response.status_code} {response.reason_phrase}", list(response.items()))
+            return response
+        start_response(f"{response.status_code} {response.reason_phrase}", list(response.items()))
+        body = [response.content]
+        if connection.connection is not None:  # a read-through used PostgreSQL: back to the pool
+            close_old_connections()
+        return body
+
+
+def get_application() -> Any:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "birbnest.settings")
+    django.setup(set_prefix=False)
+    full, data_plane = WSGIHandler(), DataPlaneHandler()
+
+    def application(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO", "").startswith(DATA_PLANE_PREFIX):
+            return data_plane(environ, start_response)
+        return full(environ, start_response)
+
+    gc.freeze()
+    return application
+
+
+application = get_application()

@@ -28,9 +28,22 @@ def entry_response(entry: StoredEntry, status: int = 200) -> HttpResponse:
 
 
 class LeanApiView(APIView):
+    """DRF's view with what the data plane does not use switched off.
+
+    The contract has no authentication on `/v1/` (rate limiting, by API key or address, is the
+    middleware's job), so there are no authenticators, permissions or throttles to run, and
+    one renderer. DRF's exception handling (errors.py) and method dispatch stay.
+    """
+
     authentication_classes: list[Any] = []
     permission_classes: list[Any] = []
     throttle_classes: list[Any] = []
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        # APIView.initial minus format suffixes, versioning, authentication, permissions and
+        # throttles, all unused here (a sixth of a cache hit's Python calls).
+        self.format_kwarg = None
+        request.accepted_renderer, request.accepted_media_type = self.perform_content_negotiation(request)
 
     def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
         # One renderer (JSON): skip negotiation on every request.

@@ -44,9 +44,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.db.models.signals import post_delete, post_save
 from django.http import HttpRequest, HttpResponse
-from redis import Redis
-from redis.commands.core import Script
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from cache_api.errors import error_response
 from ops.models import RateLimitClient, RateLimitSettings
@@ -498,20 +496,20 @@ for _model in (RateLimitSettings, RateLimitClient):
 # --- the middleware -------------------------------------------------------------------------------
 
 
-class _Scripts:
-    def __init__(self, client: Redis) -> None:
-        self.hit: Script = client.register_script(_HIT)
+_HIT_SCRIPT = redis_store.HotScript(_HIT)
+ENTRY_PREFIX = "/v1/cache/"
+NOT_AN_ENTRY = ("batch/get",)
 
 
-_scripts: tuple[Redis, _Scripts] | None = None
-
-
-def _hit_script() -> Script:
-    global _scripts
-    current = redis_store.client()
-    if _scripts is None or _scripts[0] is not current:
-        _scripts = (current, _Scripts(current))
-    return _scripts[1].hit
+def _entry_read_by(request: HttpRequest) -> str | None:
+    """The key a ``GET /v1/cache/<key>`` will read (the view validates it), else None."""
+    if request.method != "GET":
+        return None
+    path = request.path_info
+    if not path.startswith(ENTRY_PREFIX):
+        return None
+    key = path[len(ENTRY_PREFIX) :]
+    return key if key and key not in NOT_AN_ENTRY else None
 
 
 def client_identity(request: HttpRequest) -> str:
@@ -547,18 +545,31 @@ class Decision:
         return headers
 
 
-def ratelimit_check(*, client: str, config: RateLimitConfig) -> Decision | None:
-    """Count one request of the client; None when Redis cannot be asked (fail open)."""
+def ratelimit_check(*, client: str, config: RateLimitConfig, read_key: str | None = None) -> Decision | None:
+    """Count one request of the client; None when Redis cannot be asked (fail open).
+
+    With ``read_key``, the entry is read in the same round trip (``HGETALL`` after the script)
+    and left in :data:`PREFETCHED` of the current thread for the view: a rate-limited cache
+    hit still costs one round trip to Redis.
+    """
     limit = config.limit_for(client)
     now_ms = _now_ms()
     current, previous, elapsed = _window_keys(client, config.window, now_ms)
     keys = [current, previous] if config.algorithm == RateLimitSettings.SLIDING else [current]
     window_ms = config.window * 1000
+    commands = [_HIT_SCRIPT.command(keys, [limit, window_ms, elapsed, EXPIRY_SLACK_MS])]
+    if read_key is not None:
+        commands.append(redis_store.read_command(read_key))
     try:
-        allowed, remaining, retry_ms = _hit_script()(keys=keys, args=[limit, window_ms, elapsed, EXPIRY_SLACK_MS])
+        replies = redis_store.round_trip(*commands, scripts=(_HIT_SCRIPT,))
+        if isinstance(replies[0], ResponseError):
+            raise replies[0]
+        allowed, remaining, retry_ms = replies[0]
     except RedisError as error:
         _warnings.warning("rate limit not applied, Redis unreachable (failing open)", error=error)
         return None
+    if read_key is not None:
+        redis_store.prefetched_set(read_key, replies[1])
     return Decision(
         allowed=bool(allowed),
         limit=limit,
@@ -606,12 +617,16 @@ def ratelimit_middleware(get_response: Callable[[HttpRequest], HttpResponse]) ->
             return _blocked_response()
         if not config.enabled:
             return get_response(request)
-        decision = ratelimit_check(client=client, config=config)
+        decision = ratelimit_check(client=client, config=config, read_key=_entry_read_by(request))
         if decision is None:
             return get_response(request)
         if not decision.allowed:
+            redis_store.prefetched_clear()
             return _limited_response(decision, config)
-        response = get_response(request)
+        try:
+            response = get_response(request)
+        finally:
+            redis_store.prefetched_clear()
         for name, value in decision.headers().items():
             response[name] = value
         return response

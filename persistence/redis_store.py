@@ -14,6 +14,8 @@ Layout (prefix ``REDIS_KEY_PREFIX``):
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,8 @@ import orjson
 from django_redis import get_redis_connection
 from redis import Redis
 from redis.commands.core import Script
+from redis.connection import AbstractConnection
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from persistence.keys import counters_marker_key, entry_key, version_key
 
@@ -128,9 +132,7 @@ TOMBSTONE = Tombstone()
 
 class _Scripts:
     def __init__(self, client: Redis) -> None:
-        self.assign_version: Script = client.register_script(_ASSIGN_VERSION)
         self.store_entry: Script = client.register_script(_STORE_ENTRY)
-        self.store_tombstone: Script = client.register_script(_STORE_TOMBSTONE)
         self.evict_stale: Script = client.register_script(_EVICT_STALE)
 
 
@@ -154,14 +156,125 @@ def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def read(key: str) -> StoredEntry | Tombstone | None:
-    """One round trip: the entry, a tombstone, or None when Redis does not have the key."""
-    fields = client().hgetall(entry_key(key))
-    if not fields:
+# --- the hot path: one round trip, without the client's per-command layers ----------------------
+
+
+class _Pinned(threading.local):
+    connection: AbstractConnection | None = None
+    # (key, HGETALL reply) read ahead in the same round trip as the rate limiter's script
+    prefetched: tuple[str, Any] | None = None
+
+
+_pinned = _Pinned()
+
+
+def _pinned_connection() -> AbstractConnection:
+    connection = _pinned.connection
+    if connection is None:
+        # Taken from the client's pool once and kept by this thread (server threads live as
+        # long as the process); the pool counts it as in use.
+        connection = _pinned.connection = client().connection_pool.get_connection()
+    return connection
+
+
+def _send(commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    connection = _pinned_connection()
+    packed = connection.pack_commands(commands)
+    for attempt in (1, 2):
+        try:
+            connection.send_packed_command(packed)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as error:  # read every reply, or the connection is out of step
+                    replies.append(error)
+            return replies
+        except (ConnectionError, TimeoutError):
+            connection.disconnect()  # Redis restarted or the socket died: reconnect, send once more
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class HotScript:
+    """A Lua script sent by its SHA in :func:`round_trip` (loaded on NOSCRIPT)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def command(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        """Run it alone (one round trip); an error reply raises."""
+        reply = round_trip(self.command(keys, args), scripts=(self,))[0]
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+
+def round_trip(*commands: tuple[Any, ...], scripts: tuple[HotScript, ...] = ()) -> list[Any]:
+    """Send the commands in one write and read their replies: one network round trip.
+
+    The hot path (a cache hit, plus the rate limiter's script when it is on) uses this rather
+    than the client: redis-py's pool checkout and retry wrappers around every command were a
+    third of a cache hit's CPU. Each thread keeps one connection. A reply that is an error is
+    returned as the ``ResponseError``, not raised; connection failures raise (``RedisError``)
+    after one reconnect. ``scripts`` are loaded and everything sent again if Redis lacks one.
+    """
+    replies = _send(commands)
+    if scripts and any(isinstance(reply, NoScriptError) for reply in replies):
+        for script in scripts:
+            client().script_load(script.source)
+        replies = _send(commands)
+    return replies
+
+
+ASSIGN_VERSION = HotScript(_ASSIGN_VERSION)
+STORE_ENTRY = HotScript(_STORE_ENTRY)
+STORE_TOMBSTONE = HotScript(_STORE_TOMBSTONE)
+
+
+def read_command(key: str) -> tuple[Any, ...]:
+    """The command whose reply :func:`entry_from_reply` reads."""
+    return ("HGETALL", entry_key(key))
+
+
+def entry_from_reply(key: str, reply: Any) -> StoredEntry | Tombstone | None:
+    """The entry, a tombstone, or None, from the reply to :func:`read_command`."""
+    if isinstance(reply, ResponseError):
+        raise reply
+    if isinstance(reply, list):  # RESP2: field, value, field, value, ...
+        reply = dict(zip(reply[::2], reply[1::2], strict=True))
+    if not reply:
         return None
-    if b"t" in fields:
+    if b"t" in reply:
         return TOMBSTONE
-    return _entry_from_hash(key, fields)
+    return _entry_from_hash(key, reply)
+
+
+def prefetched_set(key: str, reply: Any) -> None:
+    """Keep a reply to ``read_command(key)`` for this thread's next :func:`read` of the key."""
+    _pinned.prefetched = (key, reply)
+
+
+def prefetched_clear() -> None:
+    _pinned.prefetched = None
+
+
+def read(key: str) -> StoredEntry | Tombstone | None:
+    """One round trip: the entry, a tombstone, or None when Redis does not have the key.
+
+    No round trip at all when the rate limiter already read the key in its own (see
+    ``ops.ratelimit.ratelimit_check``): the reply is used once, by the request that asked.
+    """
+    prefetched = _pinned.prefetched
+    if prefetched is not None and prefetched[0] == key:
+        _pinned.prefetched = None
+        return entry_from_reply(key, prefetched[1])
+    return entry_from_reply(key, round_trip(read_command(key))[0])
 
 
 def read_many(keys: list[str]) -> list[StoredEntry | Tombstone | None]:
@@ -213,9 +326,9 @@ class VersionConflictError(Exception):
 
 
 def assign_version(key: str, *, floor: int | None, if_match: int | None, counter_ttl_ms: int) -> int:
-    status, number = scripts().assign_version(
-        keys=[version_key(key), counters_marker_key()],
-        args=["" if floor is None else floor, "" if if_match is None else if_match, counter_ttl_ms],
+    status, number = ASSIGN_VERSION(
+        [version_key(key), counters_marker_key()],
+        ["" if floor is None else floor, "" if if_match is None else if_match, counter_ttl_ms],
     )
     if status == -1:
         raise SeedNeededError(key, counters_complete=bool(number))
@@ -238,12 +351,12 @@ def store_args(entry: StoredEntry) -> list[Any]:
 
 def store(entry: StoredEntry) -> tuple[bool, bool, str]:
     """Store unless a newer version is there. Returns (stored, is_new, created_at)."""
-    stored, is_new, created = scripts().store_entry(keys=[entry_key(entry.key)], args=store_args(entry))
+    stored, is_new, created = STORE_ENTRY([entry_key(entry.key)], store_args(entry))
     return bool(stored), bool(is_new), _text(created)
 
 
 def store_tombstone(key: str, *, version: int, ttl_ms: int) -> bool:
-    return bool(scripts().store_tombstone(keys=[entry_key(key)], args=[version, ttl_ms]))
+    return bool(STORE_TOMBSTONE([entry_key(key)], [version, ttl_ms]))
 
 
 def evict_stale(versions: dict[str, int]) -> int:

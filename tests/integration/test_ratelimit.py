@@ -490,3 +490,41 @@ def test_the_compiled_config_survives_its_json_round_trip() -> None:
         enabled=True, limit=3, window=9, algorithm="sliding", overrides={"k": 1}, blocked=frozenset({"b"})
     )
     assert ratelimit.RateLimitConfig.from_json(config.to_json()) == config
+
+
+# --- cost on the hot path -----------------------------------------------------------------------------
+
+
+def test_a_limited_cache_hit_is_still_one_round_trip_to_redis(
+    client: Client, operator_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from persistence import redis_store
+
+    key = unique_key("hit")
+    assert client.post(f"/v1/cache/{key}", {"value": {"n": 1}}, content_type="application/json").status_code == 201
+    sent: list[tuple[Any, ...]] = []
+    real_send = redis_store._send
+
+    def counting_send(commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
+        sent.append(commands)
+        return real_send(commands)
+
+    monkeypatch.setattr(redis_store, "_send", counting_send)
+    # limiter off: one HGETALL
+    assert client.get(f"/v1/cache/{key}").status_code == 200
+    assert [[command[0] for command in commands] for commands in sent] == [["HGETALL"]]
+    # limiter on: the script and the HGETALL in one write, one reply each
+    _enable(client, operator_token, limit=5)
+    sent.clear()
+    response = client.get(f"/v1/cache/{key}", HTTP_X_API_KEY=unique_key("apikey"))
+    assert response.status_code == 200 and response.json()["value"] == {"n": 1}
+    assert response["X-RateLimit-Remaining"] == "4"
+    assert [[command[0] for command in commands] for commands in sent] == [["EVALSHA", "HGETALL"]]
+    # a refused request reads nothing for the next one to pick up by mistake
+    limited = unique_key("apikey")
+    for _ in range(6):
+        client.get(f"/v1/cache/{key}", HTTP_X_API_KEY=limited)
+    assert redis_store._pinned.prefetched is None
+    # a miss still reads through to PostgreSQL after the prefetched (empty) reply
+    absent = client.get(f"/v1/cache/{unique_key('absent')}", HTTP_X_API_KEY=unique_key("apikey"))
+    assert absent.status_code == 404
