@@ -1,9 +1,10 @@
-"""JetStream side of the benchmark: filling a backlog, the bare nats-py fetch+ack reference,
-watching the worker's consumer drain, and the persist-lag poller on PostgreSQL."""
+"""JetStream side of the benchmark: filling a backlog, the bare nats-py fetch+ack and publish
+references, watching the worker's consumer drain, and the persist-lag poller on PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,47 @@ async def publish_all(nats_url: str, subject: str, messages: list[tuple[bytes, d
     if failed:
         raise RuntimeError(f"{failed} of {len(messages)} publishes to {subject} were not acknowledged")
     return len(messages) / (time.perf_counter() - began)
+
+
+async def publish_in_flight(nats_url: str, seconds: float, in_flight: int, payload: bytes) -> dict[str, Any]:
+    """The floor of a durable write: ``in_flight`` publishers, each awaiting its PubAck before
+    the next publish, on a stream of its own with the worker stream's storage, for ``seconds``."""
+    nc = await nats.connect(nats_url, name="birb-bench-publish")
+    js = nc.jetstream()
+    stream = "BIRB_BENCH_PUBLISH"
+    await js.add_stream(api.StreamConfig(name=stream, subjects=["birbbench.publish.>"], storage=api.StorageType.FILE))
+    latencies: list[float] = []
+    failed = 0
+    deadline = time.perf_counter() + seconds
+
+    async def publisher(i: int) -> None:
+        nonlocal failed
+        while time.perf_counter() < deadline:
+            began = time.perf_counter()
+            try:
+                await js.publish(f"birbbench.publish.{i}", payload, timeout=5)
+            except Exception:
+                failed += 1
+                continue
+            latencies.append(time.perf_counter() - began)
+
+    began = time.perf_counter()
+    try:
+        await asyncio.gather(*(publisher(i) for i in range(in_flight)))
+        elapsed = time.perf_counter() - began
+    finally:
+        with contextlib.suppress(Exception):
+            await js.delete_stream(stream)
+        await nc.close()
+    latencies.sort()
+    return {
+        "rate": round(len(latencies) / elapsed, 1),
+        "in_flight": in_flight,
+        "seconds": round(elapsed, 2),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2) if latencies else None,
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2) if latencies else None,
+        "failed": failed,
+    }
 
 
 async def last_seq(nats_url: str, stream: str) -> int:

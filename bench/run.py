@@ -51,7 +51,12 @@ BATCH_SIZE = 100  # keys per batch get
 CONNECTIONS = 50
 WRK_THREADS = 2
 LAG_RATE = 1_000  # writes/s for the persist lag
-MEASUREMENTS = ("references", "get_hit", "batch_get", "post", "persist_lag", "drain", "get_miss")
+MEASUREMENTS = (
+    "references", "get_hit", "get_hit_limited", "batch_get", "post", "persist_lag", "drain", "get_miss"
+)  # fmt: skip
+# The limiter on for GET hit: every wrk connection is one client (127.0.0.1), so one counter
+# takes all the traffic; the limit is never reached.
+LIMITER_ON = {"enabled": True, "limit": 2_000_000_000, "window": 60, "algorithm": "fixed"}
 TARGETS = {
     "get_hit_vs_webdis": 0.10,
     "get_hit_p99_ms": 15.0,
@@ -539,6 +544,12 @@ class Bench:
         else:
             self.results["redis_get"] = {"skipped": self.tools["redis-benchmark"]}
 
+        log(f"bare nats-py publish + PubAck, {CONNECTIONS} in flight ({self.plan.duration:g} s)")
+        body = ('{"op":"set","key":"w0","version":1,"value":' + VALUE_JSON + "}").encode()
+        self.results["jetstream_publish"] = asyncio.run(
+            pipeline.publish_in_flight(stack.nats_url, self.plan.duration, CONNECTIONS, body)
+        )
+
         webdis = None
         if not tools.available(self.tools, "webdis"):
             self.results["webdis_get"] = {"skipped": self.tools["webdis"]}
@@ -568,7 +579,7 @@ class Bench:
 
     def birb_http(self, service: Service) -> None:
         url = service.url
-        if not any(self.wanted(name) for name in ("get_hit", "batch_get", "post")):
+        if not any(self.wanted(name) for name in ("get_hit", "get_hit_limited", "batch_get", "post")):
             return
         log(f"writing {HIT_KEYS} keys through the API")
         asyncio.run(_write_keys(url, [f"k{i}" for i in range(HIT_KEYS)]))
@@ -582,6 +593,20 @@ class Bench:
                 service, "get_hit", "get.lua", ["/v1/cache/k", str(HIT_KEYS), str(WRK_THREADS)],
                 get_requests("/v1/cache/k", HIT_KEYS),
             )  # fmt: skip
+        if self.wanted("get_hit_limited"):
+            from ops.ratelimit import REFRESH_SECONDS, ratelimit_settings_update
+
+            ratelimit_settings_update(**LIMITER_ON, by="bench")
+            time.sleep(REFRESH_SECONDS + 0.3)  # every API process has read it
+            try:
+                log(f"GET hit, rate limiter on ({self.plan.duration:g} s)")
+                self.results["get_hit_limited"] = self._http(
+                    service, "get_hit_limited", "get.lua", ["/v1/cache/k", str(HIT_KEYS), str(WRK_THREADS)],
+                    get_requests("/v1/cache/k", HIT_KEYS),
+                )  # fmt: skip
+            finally:
+                ratelimit_settings_update(enabled=False, by="bench")
+                time.sleep(REFRESH_SECONDS + 0.3)
         if self.wanted("batch_get"):
             log(f"batch get of {BATCH_SIZE} keys ({self.plan.duration:g} s)")
             batch = self._http(
@@ -759,6 +784,11 @@ class Bench:
                 ratios[f"{name}_vs_webdis"] = round(r[name]["rps"] / webdis["rps"], 4)
         if "rps" in hit and "rps" in rb:
             ratios["get_hit_vs_redis"] = round(hit["rps"] / rb["rps"], 4)
+        limited = r.get("get_hit_limited", {})
+        if "rps" in limited and "rps" in hit:
+            ratios["get_hit_limited_vs_off"] = round(limited["rps"] / hit["rps"], 4)
+        if "rps" in r.get("post", {}) and r.get("jetstream_publish", {}).get("rate"):
+            ratios["post_vs_publish"] = round(r["post"]["rps"] / r["jetstream_publish"]["rate"], 4)
         drain, bare = r.get("worker_drain", {}), r.get("jetstream_fetch_ack", {})
         if drain.get("rate") and bare.get("rate"):
             ratios["drain_vs_bare"] = round(drain["rate"] / bare["rate"], 4)
@@ -900,13 +930,28 @@ def markdown(data: dict[str, Any]) -> str:
         ) if x
     )  # fmt: skip
     http_row("Birb Nest GET hit", "get_hit", hit_ratio)
+    http_row(
+        "Birb Nest GET hit, rate limiter on", "get_hit_limited",
+        f"{ratios['get_hit_limited_vs_off']:.2f} x limiter off" if "get_hit_limited_vs_off" in ratios else "",
+        "fixed window, one client, limit never reached",
+    )  # fmt: skip
     miss = r.get("get_miss", {})
     http_row(
         "Birb Nest GET miss (read-through from PostgreSQL)", "get_miss",
         f"{ratios['get_miss_vs_webdis']:.3f} x Webdis" if "get_miss_vs_webdis" in ratios else "",
         f"{miss.get('miss_fraction', 0) * 100:.1f}% were misses (/metrics)" if "miss_fraction" in miss else "",
     )  # fmt: skip
-    http_row("Birb Nest durable write (POST, 2xx after PubAck)", "post")
+    publish = r.get("jetstream_publish", {})
+    if publish:
+        lines.append(
+            f"| JetStream publish + PubAck, bare nats-py | {_fmt(publish.get('rate'))} | "
+            f"{_fmt(publish.get('p50_ms'), '.2f')} ms | {_fmt(publish.get('p99_ms'), '.2f')} ms | | "
+            f"reference: the durable write's floor ({publish.get('in_flight')} in flight, same server and storage) |"
+        )
+    http_row(
+        "Birb Nest durable write (POST, 2xx after PubAck)", "post",
+        f"{ratios['post_vs_publish']:.2f} x bare publish" if "post_vs_publish" in ratios else "",
+    )  # fmt: skip
     batch = r.get("batch_get", {})
     http_row(f"Birb Nest batch get of {BATCH_SIZE} keys", "batch_get", note=f"{_fmt(batch.get('keys_per_s'))} keys/s")
     bare, drain, lag = r.get("jetstream_fetch_ack", {}), r.get("worker_drain", {}), r.get("persist_lag", {})

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-HTTP_FIGURES = ("get_hit", "get_miss", "post", "batch_get")
+HTTP_FIGURES = ("get_hit", "get_hit_limited", "get_miss", "post", "batch_get")
 REFERENCES = ("redis_get", "webdis_get")
 
 
@@ -46,6 +46,8 @@ def check_figures(data: dict[str, Any]) -> None:
         # The figures must be of answers, not of errors.
         assert figure["non_2xx"] <= 0.1 * figure["requests"], (name, figure)
     assert r["get_miss"]["miss_fraction"] > 0.5, r["get_miss"]
+    publish = r["jetstream_publish"]
+    assert publish["rate"] > 0 and publish["failed"] == 0 and publish["in_flight"] == 50, publish
     assert r["jetstream_fetch_ack"]["rate"] > 0 and r["jetstream_fetch_ack"]["messages"] == 2000
     drain = r["worker_drain"]
     assert drain["drained"] and drain["rate"] > 0 and drain["rows_in_postgresql"] == 2000, drain
@@ -61,7 +63,7 @@ def check_figures(data: dict[str, Any]) -> None:
 def test_bench_smoke(tmp_path: Path) -> None:
     done, data = run_smoke(tmp_path)
     check_figures(data)
-    assert "| Birb Nest GET hit |" in done.stdout and "| target | required | measured |" in done.stdout
+    assert "| Birb Nest GET hit |" in done.stdout and "| Birb Nest GET hit, rate limiter on |" in done.stdout and "| target | required | measured |" in done.stdout
     assert sorted(p.name for p in tmp_path.glob("bench-*-smoke.json")), "the timestamped JSON is missing"
 
 
