@@ -54,11 +54,15 @@ class DataPlaneHandler(WSGIHandler):
             response._handler_class = self.__class__
             start_response(f"{response.status_code} {response.reason_phrase}", list(response.items()))
             return response
-        start_response(f"{response.status_code} {response.reason_phrase}", list(response.items()))
-        body = [response.content]
+        body = response.content
+        headers = list(response.items())
+        if response.status_code not in (204, 304):  # those must not carry one
+            # A length lets the server send the answer in one piece instead of chunked.
+            headers.append(("Content-Length", str(len(body))))
+        start_response(f"{response.status_code} {response.reason_phrase}", headers)
         if connection.connection is not None:  # a read-through used PostgreSQL: back to the pool
             close_old_connections()
-        return body
+        return [body]
 
 
 def get_application() -> Any:

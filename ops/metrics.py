@@ -29,11 +29,20 @@ CACHE_MISSES = Counter("cache_misses", "Reads that went to PostgreSQL")
 
 
 def metrics_middleware(get_response: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
+    # The labelled children, looked up once per (method, status) instead of on every request.
+    durations: dict[Any, Any] = {}
+    requests: dict[Any, Any] = {}
+
     def middleware(request: HttpRequest) -> HttpResponse:
         start = time.perf_counter()
         response = get_response(request)
-        HTTP_DURATION.labels(request.method).observe(time.perf_counter() - start)
-        HTTP_REQUESTS.labels(request.method, str(response.status_code)).inc()
+        method, status = request.method, response.status_code
+        duration = durations.get(method) or durations.setdefault(method, HTTP_DURATION.labels(method))
+        duration.observe(time.perf_counter() - start)
+        counter = requests.get((method, status)) or requests.setdefault(
+            (method, status), HTTP_REQUESTS.labels(method, str(status))
+        )
+        counter.inc()
         return response
 
     return middleware
