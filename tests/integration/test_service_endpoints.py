@@ -70,3 +70,28 @@ def test_prometheus_text_at_the_fixed_path_and_by_accept_header(api) -> None:
 def test_runworker_is_ours_not_channels() -> None:
     assert get_commands()["runworker"] == "persistence"
     assert get_commands()["rehydrate"] == "persistence"
+
+
+def test_the_data_plane_handler_under_the_real_server(api) -> None:
+    """`/v1/` runs its own short handler (birbnest/wsgi.py): same answers, headers and errors."""
+    key = unique_key("dp")
+    with httpx.Client(base_url=api.url) as http:
+        created = http.post(f"/v1/cache/{key}", json={"value": {"n": 1}})
+        hit = http.get(f"/v1/cache/{key}")
+        unknown = http.get("/v1/nothing-here")
+        bad = http.get("/v1/cache/" + "x" * 300)
+        deleted = http.delete(f"/v1/cache/{key}")
+        # misses read through PostgreSQL and give the connection back: more than the pool holds
+        misses = [http.get(f"/v1/cache/{unique_key('absent')}").status_code for _ in range(60)]
+    assert created.status_code == 201 and hit.status_code == 200 and hit.json()["value"] == {"n": 1}
+    assert hit.headers["ETag"] == f'"{hit.json()["version"]}"'
+    assert hit.headers["Content-Length"] == str(len(hit.content)) and "chunked" not in hit.headers.get(
+        "Transfer-Encoding", ""
+    )
+    assert hit.headers["X-Content-Type-Options"] == "nosniff"
+    assert unknown.status_code == 404 and unknown.json()["code"] == "NOT_FOUND"
+    assert bad.status_code == 400 and bad.json()["code"] == "INVALID_REQUEST"
+    assert deleted.status_code == 204 and "Content-Length" not in deleted.headers
+    assert set(misses) == {404}
+    # the admin still runs the full stack (sessions, CSRF)
+    assert "csrftoken" in httpx.get(api.url + "/admin/login/").cookies
