@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from persistence.messages import OP_DELETE
 
+# The batch travels as one JSON document (an array of objects) that PostgreSQL turns into rows.
+# One string parameter costs the client next to nothing to send; eight arrays made psycopg quote
+# every element in Python (a fifth of the worker's time), and PostgreSQL parses this faster too.
 _UPSERT_SQL = """
 INSERT INTO {table} AS t (key, value, version, metadata, expires_at, deleted, created_at, updated_at)
-SELECT * FROM unnest(
-    %s::text[], %s::jsonb[], %s::bigint[], %s::jsonb[], %s::timestamptz[], %s::boolean[],
-    %s::timestamptz[], %s::timestamptz[]
+-- jsonb_to_recordset reads a JSON null as SQL NULL; the column has always held JSON null.
+SELECT r.key, COALESCE(r.value, 'null'), r.version, COALESCE(r.metadata, 'null'), r.expires_at, r.deleted,
+    r.created_at, r.updated_at
+FROM jsonb_to_recordset(%s::jsonb) AS r(
+    key text, value jsonb, version bigint, metadata jsonb, expires_at timestamptz, deleted boolean,
+    created_at timestamptz, updated_at timestamptz
 )
 ON CONFLICT (key) DO UPDATE SET
     value = EXCLUDED.value,
@@ -30,6 +38,30 @@ WHERE t.version < EXCLUDED.version
 """
 
 
+def _rows_json(writes: list[Any]) -> str:
+    """The batch as the JSON array ``jsonb_to_recordset`` reads. Values and metadata are already
+    JSON text and go in as they are; orjson writes the datetimes (naive ones as UTC, as Django's
+    connections do)."""
+    fragment = orjson.Fragment
+    null = fragment(b"null")
+    return orjson.dumps(
+        [
+            {
+                "key": w.key,
+                "value": null if w.value_json is None else fragment(w.value_json),
+                "version": w.version,
+                "metadata": fragment(w.metadata_json),
+                "expires_at": w.expires_at,
+                "deleted": w.op == OP_DELETE,
+                "created_at": w.created_at,
+                "updated_at": w.updated_at,
+            }
+            for w in writes
+        ],
+        option=orjson.OPT_NAIVE_UTC,
+    ).decode()
+
+
 def cache_entries_upsert_many(*, writes: list[Any]) -> int:
     """Apply a batch of sets and deletes in one statement, in one transaction.
 
@@ -38,24 +70,18 @@ def cache_entries_upsert_many(*, writes: list[Any]) -> int:
     by a higher version, so redeliveries, replays and several workers are harmless. A delete
     is stored as a tombstone row (``deleted`` = true) that keeps its version.
     Returns the number of rows inserted or changed.
+
+    Outside a transaction the one statement is its own transaction: committed when this
+    returns, with no BEGIN/COMMIT round trips. Inside the caller's ``atomic`` block it is part
+    of the caller's transaction.
     """
-    from django.db import connection, transaction
+    from django.db import connection
 
     from persistence.models import CacheEntry
 
     if not writes:
         return 0
     sql = _UPSERT_SQL.format(table=connection.ops.quote_name(CacheEntry._meta.db_table))
-    params = [
-        [w.key for w in writes],
-        [w.value_json if w.value_json is not None else "null" for w in writes],
-        [w.version for w in writes],
-        [w.metadata_json for w in writes],
-        [w.expires_at for w in writes],
-        [w.op == OP_DELETE for w in writes],
-        [w.created_at for w in writes],
-        [w.updated_at for w in writes],
-    ]
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(sql, params)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [_rows_json(writes)])
         return cursor.rowcount
