@@ -88,20 +88,36 @@ def decode(payload: bytes) -> PersistWrite:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise PoisonMessageError("invalid_field", f"version {version!r} is not a positive integer")
     expires = body.get("expires_at")
-    if expires is not None and (not isinstance(expires, int) or isinstance(expires, bool)):
+    if expires is None:
+        expires_at = None
+    elif not isinstance(expires, int) or isinstance(expires, bool):
         raise PoisonMessageError("invalid_field", f"expires_at {expires!r} is not epoch milliseconds")
-    metadata = body.get("metadata", {})
-    if op == "set" and "value" not in body:
-        raise PoisonMessageError("invalid_field", "a set has no value")
+    else:
+        try:
+            expires_at = datetime.fromtimestamp(expires / 1000, tz=UTC)
+        except (OverflowError, ValueError, OSError):
+            raise PoisonMessageError("invalid_field", f"expires_at {expires!r} is out of range") from None
+    if op == OP_SET:
+        if "value" not in body:
+            raise PoisonMessageError("invalid_field", "a set has no value")
+        value_json: str | None = orjson.dumps(body["value"]).decode()
+    else:
+        value_json = None
+    metadata = body.get("metadata")
+    created_raw = body.get("created_at")
+    created_at = _timestamp(created_raw, "created_at")
+    updated_raw = body.get("updated_at")
+    # The API stamps both with the same moment: parse it once.
+    updated_at = created_at if updated_raw == created_raw else _timestamp(updated_raw, "updated_at")
     return PersistWrite(
         op=op,
         key=key,
         version=version,
-        value_json=orjson.dumps(body["value"]).decode() if op == "set" else None,
-        metadata_json=orjson.dumps(metadata if isinstance(metadata, dict) else {}).decode(),
-        expires_at=datetime.fromtimestamp(expires / 1000, tz=UTC) if expires is not None else None,
-        created_at=_timestamp(body.get("created_at"), "created_at"),
-        updated_at=_timestamp(body.get("updated_at"), "updated_at"),
+        value_json=value_json,
+        metadata_json=orjson.dumps(metadata).decode() if isinstance(metadata, dict) and metadata else "{}",
+        expires_at=expires_at,
+        created_at=created_at,
+        updated_at=updated_at,
     )
 
 
