@@ -51,6 +51,13 @@ PERMANENT_SQLSTATE_CLASSES = ("22", "23")
 PERMANENT_SQLSTATES = ("P0001", "P0004")
 
 
+def decode_or_error(payload: bytes) -> PersistWrite | PoisonMessageError:
+    try:
+        return decode(payload)
+    except PoisonMessageError as error:
+        return error
+
+
 def is_permanent(error: db.Error) -> bool:
     sqlstate = getattr(error.__cause__, "sqlstate", None) or ""
     return sqlstate[:2] in PERMANENT_SQLSTATE_CLASSES or sqlstate in PERMANENT_SQLSTATES
@@ -72,6 +79,11 @@ class Worker:
         self.stop = stop
         # Django's ORM is synchronous and its connections are per thread: one thread keeps one.
         self.db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-db")
+        # Redis clean-up runs beside the next batch's write, never on the drain's critical path.
+        self.redis_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-redis")
+        self.evicting: asyncio.Future[Any] | None = None
+        # The next batch, fetched while the one in hand is written (see run()).
+        self.fetched_ahead: list[Any] = []
         self.reload_requested = False
         self.persisted = 0
         self.dead_lettered = 0
@@ -80,11 +92,14 @@ class Worker:
 
     async def in_db_thread(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         def call() -> Any:
-            db.close_old_connections()
+            # The thread keeps its connection from one batch to the next (taking it from the
+            # pool for each batch cost a health-check round trip). After any database error it
+            # is given back, so a connection broken by a server restart is not used again.
             try:
                 return fn(*args, **kwargs)
-            finally:
-                db.close_old_connections()
+            except db.Error:
+                db.connection.close()
+                raise
 
         return await asyncio.get_running_loop().run_in_executor(self.db_thread, call)
 
@@ -105,7 +120,8 @@ class Worker:
             while True:
                 await asyncio.sleep(jetstream.ACK_WAIT / 3)
                 self.touch_liveness()
-                for msg in msgs:
+                # The batch fetched ahead waits on this one: it must not be redelivered either.
+                for msg in [*msgs, *self.fetched_ahead]:
                     with contextlib.suppress(Exception):  # reconnecting: the next round tries again
                         await msg.in_progress()
 
@@ -125,27 +141,50 @@ class Worker:
             jetstream.max_deliveries_advisory_subject(self.js.names), self.on_max_deliveries
         )
         last_purge = time.monotonic()
-        while not self.stop.is_set():
-            self.touch_liveness()
-            if self.reload_requested:
-                self.reload()
-            msgs = await self.js.fetch(subscription, batch=self.config.batch_size, timeout=self.config.batch_timeout)
-            if msgs:
-                try:
-                    await self.handle_batch(msgs)
-                except Exception:
-                    # Unacknowledged messages come back after the ack wait; keep consuming.
-                    logger.exception("batch of %d messages failed; they will be redelivered", len(msgs))
-                    await sleep_unless_stopped(self.stop, 1)
-            if time.monotonic() - last_purge > self.config.purge_interval:
-                last_purge = time.monotonic()
-                try:
-                    await self.js.purge_acknowledged()
-                except Exception as error:  # a failed purge only delays it
-                    logger.warning("purge of acknowledged messages failed: %s", error)
+        # One fetch is always in flight while a batch is written: the fetch waits on NATS, the
+        # write on PostgreSQL. Acknowledgements still follow each batch's commit, and the
+        # version guard makes the order of two batches irrelevant. A fetch under way when a
+        # stop is requested is finished and its batch written, as the one in hand is.
+        fetching: asyncio.Task[list[tuple[Any, PersistWrite | PoisonMessageError]]] | None = None
+        try:
+            while not self.stop.is_set() or fetching is not None:
+                self.touch_liveness()
+                if self.reload_requested:
+                    self.reload()
+                fetched = await (fetching or self.fetch_ahead(subscription))
+                self.fetched_ahead = []
+                fetching = None if self.stop.is_set() else asyncio.create_task(self.fetch_ahead(subscription))
+                if fetched:
+                    try:
+                        await self.handle_batch(fetched)
+                    except Exception:
+                        # Unacknowledged messages come back after the ack wait; keep consuming.
+                        logger.exception("batch of %d messages failed; they will be redelivered", len(fetched))
+                        await sleep_unless_stopped(self.stop, 1)
+                if time.monotonic() - last_purge > self.config.purge_interval:
+                    last_purge = time.monotonic()
+                    try:
+                        await self.js.purge_acknowledged()
+                    except Exception as error:  # a failed purge only delays it
+                        logger.warning("purge of acknowledged messages failed: %s", error)
+        finally:
+            if fetching is not None:  # only on an error: its messages come back after the ack wait
+                fetching.cancel()
+            if self.evicting is not None:
+                with contextlib.suppress(Exception):
+                    await self.evicting
         with contextlib.suppress(Exception):
             await advisories.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.in_db_thread(db.connection.close)
         self.db_thread.shutdown(wait=True)
+        self.redis_thread.shutdown(wait=True)
+
+    async def fetch_ahead(self, subscription: Any) -> list[tuple[Any, PersistWrite | PoisonMessageError]]:
+        """The next batch, decoded (here, while the batch before it is being written)."""
+        msgs = await self.js.fetch(subscription, batch=self.config.batch_size, timeout=self.config.batch_timeout)
+        self.fetched_ahead = msgs
+        return [(msg, decode_or_error(msg.data)) for msg in msgs]
 
     def request_reload(self) -> None:
         self.reload_requested = True
@@ -162,13 +201,13 @@ class Worker:
         logging.getLogger().setLevel(level.upper())
         logger.info("configuration reloaded: %s", ", ".join(changes) if changes else "nothing changed")
 
-    async def handle_batch(self, msgs: list[Any]) -> None:
+    async def handle_batch(self, fetched: list[tuple[Any, PersistWrite | PoisonMessageError]]) -> None:
         decoded: list[tuple[Any, PersistWrite]] = []
-        for msg in msgs:
-            try:
-                decoded.append((msg, decode(msg.data)))
-            except PoisonMessageError as error:
-                await self.dead_letter_delivered(msg, error.reason, error.detail)
+        for msg, write in fetched:
+            if isinstance(write, PoisonMessageError):
+                await self.dead_letter_delivered(msg, write.reason, write.detail)
+            else:
+                decoded.append((msg, write))
         batch = latest_per_key([write for _, write in decoded])
         async with self.holding([msg for msg, _ in decoded]):
             rejected = await self.write(batch)
@@ -188,7 +227,7 @@ class Worker:
                 done.append(msg)
         await self.acknowledge(done)
         self.persisted += len(batch) - len(rejected)
-        logger.debug("persisted %d writes from %d messages", len(batch) - len(rejected), len(msgs))
+        logger.debug("persisted %d writes from %d messages", len(batch) - len(rejected), len(fetched))
         await self.evict_stale([w for w in batch if w.key not in rejected_keys])
 
     async def acknowledge(self, msgs: list[Any]) -> None:
@@ -328,9 +367,22 @@ class Worker:
         )
 
     async def evict_stale(self, batch: list[PersistWrite]) -> None:
-        """Best effort: drop Redis copies older than what was just committed."""
+        """Best effort: drop Redis copies older than what was just committed.
+
+        Runs in the background while the next batch is fetched and written; at most one runs
+        at a time. A version 1 is skipped: no copy older than the first version can exist.
+        """
+        versions = {w.key: w.version for w in batch if w.op == "set" and w.version > 1}
+        if self.evicting is not None:
+            await self.evicting
+            self.evicting = None
+        if versions:
+            self.evicting = asyncio.get_running_loop().run_in_executor(self.redis_thread, self._evict, versions)
+
+    @staticmethod
+    def _evict(versions: dict[str, int]) -> None:
         try:
-            await self.in_db_thread(redis_store.evict_stale, {w.key: w.version for w in batch if w.op == "set"})
+            redis_store.evict_stale(versions)
         except RedisError as error:
             logger.warning("could not check Redis for stale copies: %s", error)
 
