@@ -75,15 +75,20 @@ return 1
 
 # ARGV: version persisted by the worker. Drops a hash older than what PostgreSQL now holds
 # (left by an API process that crashed between the PubAck and its Redis write); the next read
-# fills it from PostgreSQL. -> 1 dropped, 0 kept.
+# fills it from PostgreSQL. KEYS: entry hashes; ARGV: their persisted versions, in the same
+# order. -> the number dropped.
 _EVICT_STALE = """
-local cur = redis.call('HGET', KEYS[1], 'v')
-if cur and tonumber(cur) < tonumber(ARGV[1]) then
-  redis.call('DEL', KEYS[1])
-  return 1
+local dropped = 0
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('HGET', key, 'v')
+  if cur and tonumber(cur) < tonumber(ARGV[i]) then
+    redis.call('DEL', key)
+    dropped = dropped + 1
+  end
 end
-return 0
+return dropped
 """
+EVICT_CHUNK = 500  # keys per script call: bounds the time Redis spends in one call
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,6 @@ TOMBSTONE = Tombstone()
 class _Scripts:
     def __init__(self, client: Redis) -> None:
         self.store_entry: Script = client.register_script(_STORE_ENTRY)
-        self.evict_stale: Script = client.register_script(_EVICT_STALE)
 
 
 _scripts: tuple[Redis, _Scripts] | None = None
@@ -235,6 +239,7 @@ def round_trip(*commands: tuple[Any, ...], scripts: tuple[HotScript, ...] = ()) 
 ASSIGN_VERSION = HotScript(_ASSIGN_VERSION)
 STORE_ENTRY = HotScript(_STORE_ENTRY)
 STORE_TOMBSTONE = HotScript(_STORE_TOMBSTONE)
+EVICT_STALE = HotScript(_EVICT_STALE)
 
 
 def read_command(key: str) -> tuple[Any, ...]:
@@ -360,14 +365,13 @@ def store_tombstone(key: str, *, version: int, ttl_ms: int) -> bool:
 
 
 def evict_stale(versions: dict[str, int]) -> int:
-    """Drop every hash older than the given persisted versions; one round trip."""
-    if not versions:
-        return 0
-    script = scripts().evict_stale
-    pipe = client().pipeline(transaction=False)
-    for key, version in versions.items():
-        script(keys=[entry_key(key)], args=[version], client=pipe)
-    return sum(int(n) for n in pipe.execute())
+    """Drop every hash older than the given persisted versions; one round trip per 500 keys."""
+    items = list(versions.items())
+    dropped = 0
+    for start in range(0, len(items), EVICT_CHUNK):
+        chunk = items[start : start + EVICT_CHUNK]
+        dropped += int(EVICT_STALE([entry_key(key) for key, _ in chunk], [version for _, version in chunk]))
+    return dropped
 
 
 def evict(key: str) -> bool:

@@ -143,3 +143,21 @@ def test_a_write_whose_message_jetstream_drops_as_a_duplicate_is_not_acknowledge
     assert response.status_code == 503, response.content
     assert "duplicate" in response.json()["details"]["reason"]
     assert redis_store.read(key) is None
+
+
+def test_evict_stale_drops_only_copies_older_than_what_postgresql_holds() -> None:
+    keys = [unique_key("evict") for _ in range(3)]
+    for key, version in zip(keys, (1, 3, 2), strict=True):
+        redis_store.store(redis_store.StoredEntry(key, version, b'"v"', b"{}", "2026-01-01T00:00:00Z", "x", None))
+    # persisted versions: keys[0] at 2 (Redis holds 1: stale), keys[1] at 2 (Redis holds 3: newer),
+    # keys[2] at 2 (equal: kept), and a key Redis does not hold at all
+    dropped = redis_store.evict_stale({keys[0]: 2, keys[1]: 2, keys[2]: 2, unique_key("absent"): 5})
+    assert dropped == 1
+    assert redis_store.read(keys[0]) is None
+    assert redis_store.read(keys[1]).version == 3 and redis_store.read(keys[2]).version == 2
+    # more keys than one script call takes: chunked, same result
+    many = {unique_key("evict-many"): 1 for _ in range(redis_store.EVICT_CHUNK + 10)}
+    for key in many:
+        redis_store.store(redis_store.StoredEntry(key, 1, b"1", b"{}", "c", "u", None))
+    assert redis_store.evict_stale(dict.fromkeys(many, 2)) == len(many)
+    assert redis_store.evict_stale({}) == 0
