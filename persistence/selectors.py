@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 import orjson
+import psycopg
+from django.db import OperationalError, connections
 from django.db.models import Q
 from django.utils import timezone
 
@@ -34,7 +38,33 @@ def cache_entry_get_from_db(*, key: str) -> StoredEntry | None:
     return stored_entry_from_row(row) if row else None
 
 
+class _VersionConnection(threading.local):
+    connection: psycopg.Connection | None = None
+
+
+_version_connection = _VersionConnection()
+_VERSION_SQL = "SELECT version FROM {table} WHERE key = %s"
+
+
 def cache_entry_version_in_db(*, key: str) -> int:
-    """Highest version PostgreSQL knows for the key, deleted or expired rows included (0 = none)."""
-    version = CacheEntry.objects.filter(key=key).values_list("version", flat=True).first()
-    return int(version or 0)
+    """Highest version PostgreSQL knows for the key, deleted or expired rows included (0 = none).
+
+    This runs for the first write of every key, so it skips the ORM and the pool: each thread
+    keeps one autocommit connection (the settings of ``DATABASES["default"]``) for this one
+    indexed query, which is then a single round trip. A broken connection is dropped and the
+    error raised as Django's ``OperationalError``, like any other database read.
+    """
+    conn = _version_connection.connection
+    try:
+        if conn is None or conn.closed:
+            params = connections["default"].get_connection_params()
+            params.pop("cursor_factory", None)
+            conn = _version_connection.connection = psycopg.connect(**params, autocommit=True)
+        table = connections["default"].ops.quote_name(CacheEntry._meta.db_table)
+        row = conn.execute(_VERSION_SQL.format(table=table), (key,), prepare=True).fetchone()
+    except psycopg.Error as error:
+        if conn is not None:
+            conn.close()
+        _version_connection.connection = None
+        raise OperationalError(str(error)) from error
+    return int(row[0]) if row else 0
