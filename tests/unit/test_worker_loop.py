@@ -70,8 +70,9 @@ class FakeJetStream:
         return msgs
 
 
-def _run(js: FakeJetStream, upsert: Any, monkeypatch: pytest.MonkeyPatch) -> loop.Worker:
+def _run(js: FakeJetStream, upsert: Any, monkeypatch: pytest.MonkeyPatch, linger: float = 0) -> loop.Worker:
     monkeypatch.setattr(loop, "cache_entries_upsert_many", upsert)
+    monkeypatch.setattr(loop, "BATCH_LINGER", linger)  # one fetch per batch, unless a test wants it
 
     async def main() -> loop.Worker:
         stop = asyncio.Event()
@@ -107,6 +108,26 @@ def test_each_batch_is_acknowledged_after_its_write_and_the_next_is_fetched_mean
         assert events.index(("ack", key)) > committed, events
     assert events.index(("fetched", ["c"])) < events.index(("committed", ["a", "b"])), "fetched during the write"
     assert [kind for kind, _ in events].count("write") == 3, "one statement per batch"
+
+
+def test_a_partial_batch_lingers_to_gather_what_arrives_next(monkeypatch) -> None:
+    events: list[tuple[str, Any]] = []
+    js = FakeJetStream([["a"], ["b", "c"], ["d"]], events)
+    written: list[list[str]] = []
+
+    def upsert(*, writes: list[Any]) -> int:
+        written.append(sorted(w.key for w in writes))
+        if len(written) == 1:
+            upsert.worker.request_stop()
+        return len(writes)
+
+    worker = _run(js, upsert, monkeypatch, linger=0.01)
+
+    # "a" came alone; the linger's second fetch added "b" and "c" to the same statement. The
+    # batch fetched ahead meanwhile ("d") is written before the stop completes.
+    assert written[0] == ["a", "b", "c"]
+    assert worker.persisted == 4 and written == [["a", "b", "c"], ["d"]]
+    assert all(events.index(("ack", key)) > 0 for key in "abcd")
 
 
 def test_a_stop_during_a_write_finishes_the_batch_fetched_ahead_too(monkeypatch) -> None:
