@@ -4,13 +4,14 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.decorators.csrf import csrf_exempt
 
+from cache_api import urls as cache_api_urls
 from cache_api.errors import json_404
 from ops import ratelimit_api
 from ops import views as ops_views
 
 urlpatterns = [
     # First: the data plane is most of the traffic, and patterns are tried in order.
-    path("v1/cache/", include("cache_api.urls")),
+    *cache_api_urls.urlpatterns,
     path("", ops_views.root, name="root"),
     path("health", ops_views.health_view, name="health"),
     path("metrics", ops_views.metrics_view, name="metrics"),

@@ -1,9 +1,12 @@
+"""The data plane's routes, with their full paths: the root URLconf lists them first and flat
+(no include), so resolving a cache request is one regex and one ResolverMatch below the root."""
+
 from django.urls import path, re_path
 
 from cache_api.apis import CacheEntryApi, CacheEntryBatchGetApi
 
 urlpatterns = [
-    path("batch/get", CacheEntryBatchGetApi.as_view(), name="cache-batch-get"),
+    path("v1/cache/batch/get", CacheEntryBatchGetApi.as_view(), name="cache-batch-get"),
     # Any remaining path is a key; keys.py decides what is legal (illegal -> 400, not 404).
-    re_path(r"^(?P<key>.+)$", CacheEntryApi.as_view(), name="cache-entry"),
+    re_path(r"^v1/cache/(?P<key>.+)$", CacheEntryApi.as_view(), name="cache-entry"),
 ]
