@@ -175,9 +175,11 @@ _pinned = _Pinned()
 def _pinned_connection() -> AbstractConnection:
     connection = _pinned.connection
     if connection is None:
-        # Taken from the client's pool once and kept by this thread (server threads live as
-        # long as the process); the pool counts it as in use.
-        connection = _pinned.connection = client().connection_pool.get_connection()
+        # A connection of this thread's own, with the client's settings, not checked out of its
+        # pool: the server retires idle request threads, and a connection it never returned
+        # would count against the pool for good. It closes when the thread's storage is freed.
+        pool = client().connection_pool
+        connection = _pinned.connection = pool.connection_class(**pool.connection_kwargs)
     return connection
 
 
