@@ -355,7 +355,15 @@ class SyncJetStream:
             client = self.client()
             target = self.run(client.stream_state(), 2)["last_seq"]
             while True:
-                if target == 0 or self.run(client.consumer_state(), 2)["ack_floor_stream_seq"] >= target:
+                state = self.run(client.consumer_state(), 2) if target else {}
+                # Drained: acknowledged up to the target, or nothing left to deliver and nothing
+                # awaiting an ack (the floor can stay below the target when messages after it
+                # were purged or deleted, e.g. after the consumer was recreated).
+                if (
+                    target == 0
+                    or state["ack_floor_stream_seq"] >= target
+                    or (state["num_pending"] == 0 and state["num_ack_pending"] == 0)
+                ):
                     return True
                 if time.monotonic() > deadline:
                     return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 
 import orjson
 import psycopg
@@ -43,6 +44,7 @@ class _VersionConnection(threading.local):
 
 
 _version_connection = _VersionConnection()
+_version_connections: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
 _VERSION_SQL = "SELECT version FROM {table} WHERE key = %s"
 
 
@@ -51,20 +53,32 @@ def cache_entry_version_in_db(*, key: str) -> int:
 
     This runs for the first write of every key, so it skips the ORM and the pool: each thread
     keeps one autocommit connection (the settings of ``DATABASES["default"]``) for this one
-    indexed query, which is then a single round trip. A broken connection is dropped and the
-    error raised as Django's ``OperationalError``, like any other database read.
+    indexed query, which is then a single round trip. A kept connection that fails (the server
+    restarted) is replaced and the query tried once more; other failures are raised as Django's
+    ``OperationalError``, like any other database read.
     """
-    conn = _version_connection.connection
-    try:
-        if conn is None or conn.closed:
-            params = connections["default"].get_connection_params()
-            params.pop("cursor_factory", None)
-            conn = _version_connection.connection = psycopg.connect(**params, autocommit=True)
-        table = connections["default"].ops.quote_name(CacheEntry._meta.db_table)
-        row = conn.execute(_VERSION_SQL.format(table=table), (key,), prepare=True).fetchone()
-    except psycopg.Error as error:
-        if conn is not None:
-            conn.close()
-        _version_connection.connection = None
-        raise OperationalError(str(error)) from error
-    return int(row[0]) if row else 0
+    table = connections["default"].ops.quote_name(CacheEntry._meta.db_table)
+    for attempt in (1, 2):
+        conn = _version_connection.connection
+        kept = conn is not None and not conn.closed
+        try:
+            if not kept:
+                params = connections["default"].get_connection_params()
+                params.pop("cursor_factory", None)
+                conn = _version_connection.connection = psycopg.connect(**params, autocommit=True)
+                _version_connections.add(conn)
+            row = conn.execute(_VERSION_SQL.format(table=table), (key,), prepare=True).fetchone()
+            return int(row[0]) if row else 0
+        except psycopg.Error as error:
+            if conn is not None:
+                conn.close()
+            _version_connection.connection = None
+            if not kept or attempt == 2:
+                raise OperationalError(str(error)) from error
+    raise AssertionError("unreachable")
+
+
+def close_version_connections() -> None:
+    """Close every thread's version connection (before a database is dropped, e.g. in tests)."""
+    for conn in list(_version_connections):
+        conn.close()

@@ -115,6 +115,16 @@ def birb_settings(servers: Servers) -> Iterator[None]:
     _remove_run_state(servers)
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: Any) -> Iterator[None]:
+    """pytest-django's, plus: the connections the version seed keeps per thread are closed
+    before the test database is dropped (it refuses while sessions are open)."""
+    yield
+    from persistence.selectors import close_version_connections
+
+    close_version_connections()
+
+
 def _remove_run_state(servers: Servers) -> None:
     """Streams and Redis keys of this run on shared servers (own servers are simply stopped)."""
     from django.conf import settings
@@ -277,8 +287,14 @@ def worker_factory(tmp_path: Path, transactional_db: Any) -> Iterator[Any]:
 
 @pytest.fixture
 def worker(worker_factory: Any) -> Worker:
-    """One running worker for this test."""
-    return worker_factory(WORKER_BATCH_TIMEOUT="100ms").start()
+    """One running worker for this test, which starts with the backlog of earlier tests drained
+    (writes made while no worker ran), so versions are seeded as on a settled system."""
+    from persistence import jetstream, services
+
+    started = worker_factory(WORKER_BATCH_TIMEOUT="100ms").start()
+    assert jetstream.publisher().wait_drained(30), "the worker did not drain the earlier tests' backlog"
+    services._backlog.last_wait_failed = False
+    return started
 
 
 class Api:

@@ -168,6 +168,10 @@ def test_consumer_rm_removes_the_consumer_and_ensure_brings_it_back(
     assert f"stream {n.stream}: exists" in ensured
     assert run_json(capsys, "consumer-info")["name"] == n.consumer
     assert "created" not in run(capsys, "ensure")  # idempotent
+    # The new consumer starts from the first message: leave the next tests the stream as a
+    # drained consumer would (every earlier write is persisted or belongs to no test any more).
+    publisher = jetstream.publisher()
+    publisher.run(publisher.client().js.purge_stream(n.stream), 5)
 
 
 def test_account_counts_our_streams(client: Client, capsys: pytest.CaptureFixture[str]) -> None:

@@ -501,7 +501,8 @@ def test_a_limited_cache_hit_is_still_one_round_trip_to_redis(
     from persistence import redis_store
 
     key = unique_key("hit")
-    assert client.post(f"/v1/cache/{key}", {"value": {"n": 1}}, content_type="application/json").status_code == 201
+    # straight into Redis: no version to assign (Redis may just have restarted empty, see above)
+    redis_store.store(redis_store.StoredEntry(key, 1, b'{"n":1}', b"{}", "2026-11-30T00:00:00Z", "x", None))
     sent: list[tuple[Any, ...]] = []
     real_send = redis_store._send
 
