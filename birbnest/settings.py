@@ -130,7 +130,9 @@ TIME_ZONE = "UTC"
 USE_I18N = False
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = BIRB.data_dir / "static"
+# The admin's files are served by WhiteNoise straight from the installed apps (finders): there is
+# no collectstatic step, so no STATIC_ROOT (one that does not exist only makes WhiteNoise warn
+# at every start).
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = False
 
