@@ -23,7 +23,6 @@ from typing import Any
 import orjson
 from django_redis import get_redis_connection
 from redis import Redis
-from redis.commands.core import Script
 from redis.connection import AbstractConnection
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
@@ -135,25 +134,9 @@ class Tombstone:
 TOMBSTONE = Tombstone()
 
 
-class _Scripts:
-    def __init__(self, client: Redis) -> None:
-        self.store_entry: Script = client.register_script(_STORE_ENTRY)
-
-
-_scripts: tuple[Redis, _Scripts] | None = None
-
-
 def client() -> Redis:
     """The raw redis-py client, from django-redis's connection pool."""
     return get_redis_connection("default")
-
-
-def scripts() -> _Scripts:
-    global _scripts
-    current = client()
-    if _scripts is None or _scripts[0] is not current:
-        _scripts = (current, _Scripts(current))
-    return _scripts[1]
 
 
 def _text(raw: bytes | str) -> str:
@@ -224,9 +207,10 @@ class HotScript:
 def round_trip(*commands: tuple[Any, ...], scripts: tuple[HotScript, ...] = ()) -> list[Any]:
     """Send the commands in one write and read their replies: one network round trip.
 
-    The hot path (a cache hit, plus the rate limiter's script when it is on) uses this rather
-    than the client: redis-py's pool checkout and retry wrappers around every command were a
-    third of a cache hit's CPU. Each thread keeps one connection. A reply that is an error is
+    The hot path (a cache hit, plus the rate limiter's script when it is on), the write path's
+    scripts and batched work (rehydration, evict_stale) use this rather than the client:
+    redis-py's pool checkout and retry wrappers around every command were a third of a cache
+    hit's CPU. Each thread keeps one connection. A reply that is an error is
     returned as the ``ResponseError``, not raised; connection failures raise (``RedisError``)
     after one reconnect. ``scripts`` are loaded and everything sent again if Redis lacks one.
     """
