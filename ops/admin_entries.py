@@ -83,10 +83,12 @@ def redis_copies(keys: list[str]) -> dict[str, RedisCopy]:
         return {}
     pipe = redis_store.client().pipeline(transaction=False)
     for key in keys:
-        pipe.hmget(entry_key(key), "v", "t")
+        pipe.hmget(entry_key(key), "v", "t", "e")
     copies = {}
-    for key, (version, tombstone) in zip(keys, pipe.execute(), strict=True):
-        copies[key] = RedisCopy(int(version) if version is not None else None, tombstone is not None)
+    for key, (version, tombstone, stale) in zip(keys, pipe.execute(), strict=True):
+        # a stale marker (see persistence.redis_store) holds no entry: not in Redis
+        held = None if version is None or stale is not None else int(version)
+        copies[key] = RedisCopy(held, tombstone is not None)
     return copies
 
 
@@ -772,7 +774,9 @@ class CacheEntryAdmin(admin.ModelAdmin):
             copies = redis_copies([key for key, _ in rows])
             # Atomically per key: drop the Redis copy only if it is not newer than the row, so an
             # acknowledged write the worker has not persisted yet is never thrown away.
-            evicted = redis_store.evict_stale({key: version + 1 for key, version in rows if copies[key].version})
+            evicted = redis_store.evict_stale(
+                {key: version + 1 for key, version in rows if copies[key].version}, mark=False
+            )
         except RedisError as error:
             self.message_user(request, f"Nothing evicted: Redis did not answer ({error}).", messages.ERROR)
             return

@@ -8,6 +8,10 @@ Layout (prefix ``REDIS_KEY_PREFIX``):
   Expires by itself at ``x``. A delete leaves a tombstone hash ``{v, t=1}`` for
   ``TOMBSTONE_RETENTION`` so a late, older write cannot bring the key back and a read does not
   fall through to a PostgreSQL row the worker has not deleted yet.
+  When the worker persists a version newer than the hash, the hash becomes a stale marker
+  ``{v, e=1, c}`` for ``STALE_MARK_MS``: reads treat it as a miss (and load PostgreSQL's row),
+  a write still in flight with an older version is not stored over it, and a write does not
+  count as creating the key.
 - ``<prefix>n:<key>`` counter: the last version assigned to the key. When it is missing (new key,
   or Redis lost its data) it is seeded from the highest version PostgreSQL knows.
 """
@@ -44,15 +48,19 @@ return {1, n}
 """
 
 # ARGV: version, value, metadata, created_at, updated_at, expires_at ms ('' = never).
-# Stores unless the hash already holds this or a newer version (entry or tombstone).
+# Stores unless the hash already holds a newer version, or this one (an entry or tombstone; a
+# stale marker at this version is replaced: it stands for this very row of PostgreSQL).
 # -> {stored, is_new, created_at}
 _STORE_ENTRY = """
-local cur = redis.call('HMGET', KEYS[1], 'v', 'c', 't')
+local cur = redis.call('HMGET', KEYS[1], 'v', 'c', 't', 'e')
 local v = tonumber(ARGV[1])
-if cur[1] and tonumber(cur[1]) >= v then return {0, 0, cur[2] or ARGV[4]} end
+if cur[1] then
+  local held = tonumber(cur[1])
+  if held > v or (held == v and not cur[4]) then return {0, 0, cur[2] or ARGV[4]} end
+end
 local created = ARGV[4]
 local is_new = 1
-if cur[1] and not cur[3] then
+if cur[1] and not cur[3] and cur[2] then
   created = cur[2]
   is_new = 0
 end
@@ -72,21 +80,36 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# ARGV: version persisted by the worker. Drops a hash older than what PostgreSQL now holds
-# (left by an API process that crashed between the PubAck and its Redis write); the next read
-# fills it from PostgreSQL. KEYS: entry hashes; ARGV: their persisted versions, in the same
-# order. -> the number dropped.
+# Drops hashes older than what PostgreSQL now holds (left by an API process that crashed
+# between the PubAck and its Redis write, or by a write still on its way to Redis).
+# KEYS: entry hashes. ARGV[1]: stale-marker lifetime in ms, 0 = delete outright (an operator's
+# eviction); ARGV[i + 1]: the persisted version of KEYS[i]. -> the number dropped.
+# With a marker, the hash becomes {v = persisted version, e = 1, c = its created_at} and expires
+# within ARGV[1] ms (sooner if the entry would have): the next read misses and loads the row, and
+# an older write still in flight is refused instead of being stored as if the key were new.
 _EVICT_STALE = """
+local mark = tonumber(ARGV[1])
 local dropped = 0
 for i, key in ipairs(KEYS) do
-  local cur = redis.call('HGET', key, 'v')
-  if cur and tonumber(cur) < tonumber(ARGV[i]) then
-    redis.call('DEL', key)
+  local cur = redis.call('HMGET', key, 'v', 'c')
+  local persisted = ARGV[i + 1]
+  if cur[1] and tonumber(cur[1]) < tonumber(persisted) then
     dropped = dropped + 1
+    if mark > 0 then
+      local ttl = redis.call('PTTL', key)
+      redis.call('DEL', key)
+      redis.call('HSET', key, 'v', persisted, 'e', '1')
+      if cur[2] then redis.call('HSET', key, 'c', cur[2]) end
+      if ttl < 0 or ttl > mark then ttl = mark end
+      redis.call('PEXPIRE', key, ttl)
+    else
+      redis.call('DEL', key)
+    end
   end
 end
 return dropped
 """
+STALE_MARK_MS = 60_000  # outlives any write still in flight (publish timeout plus a Redis call)
 EVICT_CHUNK = 500  # keys per script call: bounds the time Redis spends in one call
 
 
@@ -243,6 +266,8 @@ def entry_from_reply(key: str, reply: Any) -> StoredEntry | Tombstone | None:
         return None
     if b"t" in reply:
         return TOMBSTONE
+    if b"e" in reply:  # stale marker: PostgreSQL holds a newer version
+        return None
     return _entry_from_hash(key, reply)
 
 
@@ -272,15 +297,7 @@ def read_many(keys: list[str]) -> list[StoredEntry | Tombstone | None]:
     pipe = client().pipeline(transaction=False)
     for key in keys:
         pipe.hgetall(entry_key(key))
-    results = []
-    for key, fields in zip(keys, pipe.execute(), strict=True):
-        if not fields:
-            results.append(None)
-        elif b"t" in fields:
-            results.append(TOMBSTONE)
-        else:
-            results.append(_entry_from_hash(key, fields))
-    return results
+    return [entry_from_reply(key, fields) for key, fields in zip(keys, pipe.execute(), strict=True)]
 
 
 def _entry_from_hash(key: str, fields: dict[bytes, bytes]) -> StoredEntry:
@@ -350,13 +367,18 @@ def store_tombstone(key: str, *, version: int, ttl_ms: int) -> bool:
     return bool(STORE_TOMBSTONE([entry_key(key)], [version, ttl_ms]))
 
 
-def evict_stale(versions: dict[str, int]) -> int:
-    """Drop every hash older than the given persisted versions; one round trip per 500 keys."""
+def evict_stale(versions: dict[str, int], *, mark: bool = True) -> int:
+    """Drop every hash older than the given persisted versions; one round trip per 500 keys.
+
+    ``mark`` (the worker) leaves a stale marker in its place; without it (an operator's
+    eviction) the hash is deleted outright.
+    """
     items = list(versions.items())
+    mark_ms = STALE_MARK_MS if mark else 0
     dropped = 0
     for start in range(0, len(items), EVICT_CHUNK):
         chunk = items[start : start + EVICT_CHUNK]
-        dropped += int(EVICT_STALE([entry_key(key) for key, _ in chunk], [version for _, version in chunk]))
+        dropped += int(EVICT_STALE([entry_key(key) for key, _ in chunk], [mark_ms, *(v for _, v in chunk)]))
     return dropped
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -13,6 +14,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from persistence import jetstream, redis_store, write_behind
+from persistence.keys import entry_key
 from persistence.messages import PersistWrite, decode, latest_per_key
 from persistence.models import CacheEntry
 from tests.conftest import unique_key, wait_for
@@ -145,10 +147,14 @@ def test_a_write_whose_message_jetstream_drops_as_a_duplicate_is_not_acknowledge
     assert redis_store.read(key) is None
 
 
+def _entry(key: str, version: int, value: bytes = b'"v"', created_at: str = "2026-01-01T00:00:00Z"):
+    return redis_store.StoredEntry(key, version, value, b"{}", created_at, "x", None)
+
+
 def test_evict_stale_drops_only_copies_older_than_what_postgresql_holds() -> None:
     keys = [unique_key("evict") for _ in range(3)]
     for key, version in zip(keys, (1, 3, 2), strict=True):
-        redis_store.store(redis_store.StoredEntry(key, version, b'"v"', b"{}", "2026-01-01T00:00:00Z", "x", None))
+        redis_store.store(_entry(key, version))
     # persisted versions: keys[0] at 2 (Redis holds 1: stale), keys[1] at 2 (Redis holds 3: newer),
     # keys[2] at 2 (equal: kept), and a key Redis does not hold at all
     dropped = redis_store.evict_stale({keys[0]: 2, keys[1]: 2, keys[2]: 2, unique_key("absent"): 5})
@@ -158,6 +164,35 @@ def test_evict_stale_drops_only_copies_older_than_what_postgresql_holds() -> Non
     # more keys than one script call takes: chunked, same result
     many = {unique_key("evict-many"): 1 for _ in range(redis_store.EVICT_CHUNK + 10)}
     for key in many:
-        redis_store.store(redis_store.StoredEntry(key, 1, b"1", b"{}", "c", "u", None))
+        redis_store.store(_entry(key, 1))
     assert redis_store.evict_stale(dict.fromkeys(many, 2)) == len(many)
+    assert redis_store.read_many(list(many)) == [None] * len(many)
     assert redis_store.evict_stale({}) == 0
+
+
+def test_a_write_still_in_flight_after_the_worker_evicted_its_key_is_neither_stored_nor_new() -> None:
+    # The race the concurrent-writers test once hit: v1 is in Redis, the worker commits v3 (whose
+    # API thread has not reached Redis yet) and evicts v1; then the thread holding v2 stores.
+    key = unique_key("race")
+    assert redis_store.store(_entry(key, 1, created_at="2026-01-01T00:00:00Z"))[:2] == (True, True)
+    assert redis_store.evict_stale({key: 3}) == 1
+    assert redis_store.read(key) is None, "a stale marker reads as a miss"
+    stored, is_new, created_at = redis_store.store(_entry(key, 2, created_at="2026-06-01T00:00:00Z"))
+    assert (stored, is_new, created_at) == (False, False, "2026-01-01T00:00:00Z")
+    assert redis_store.read(key) is None
+    # PostgreSQL's row (v3) loaded by a read-through replaces the marker, keeping created_at
+    stored, is_new, created_at = redis_store.store(_entry(key, 3, b'"three"', created_at="2026-06-01T00:00:00Z"))
+    assert (stored, is_new, created_at) == (True, False, "2026-01-01T00:00:00Z")
+    assert redis_store.read(key).value_json == b'"three"'
+    # and it does not outlive the entry it stands for
+    ttl_key = unique_key("race-ttl")
+    redis_store.store(redis_store.StoredEntry(ttl_key, 1, b"1", b"{}", "c", "u", int(time.time() * 1000) + 5_000))
+    redis_store.evict_stale({ttl_key: 2})
+    assert 0 < redis_store.client().pttl(entry_key(ttl_key)) <= 5_000
+
+
+def test_an_operators_eviction_deletes_the_copy_outright() -> None:
+    key = unique_key("evict-op")
+    redis_store.store(_entry(key, 1))
+    assert redis_store.evict_stale({key: 2}, mark=False) == 1
+    assert not redis_store.client().exists(entry_key(key))
