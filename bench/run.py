@@ -329,6 +329,15 @@ class Load:
         return result
 
 
+def _miss_note(miss: dict[str, Any], keys: int) -> str:
+    if "miss_fraction" not in miss:
+        return ""
+    note = f"{miss['miss_fraction'] * 100:.1f}% were misses (/metrics)"
+    if miss["hits"] + miss["misses"] > keys:
+        note += f"; **the {keys:,} keys ran out: requests after the first {keys:,} were hits**"
+    return note
+
+
 def get_requests(prefix: str, count: int) -> Any:
     return lambda i: ("GET", f"{prefix}{i % count}", None)
 
@@ -632,6 +641,7 @@ class Bench:
         misses = after["cache_misses"] - before["cache_misses"]
         if hits + misses:
             result["miss_fraction"] = round(misses / (hits + misses), 4)
+            result["hits"], result["misses"] = hits, misses
         self._finish_profile(name, spy)
         return result
 
@@ -939,7 +949,7 @@ def markdown(data: dict[str, Any]) -> str:
     http_row(
         "Birb Nest GET miss (read-through from PostgreSQL)", "get_miss",
         f"{ratios['get_miss_vs_webdis']:.3f} x Webdis" if "get_miss_vs_webdis" in ratios else "",
-        f"{miss.get('miss_fraction', 0) * 100:.1f}% were misses (/metrics)" if "miss_fraction" in miss else "",
+        _miss_note(miss, keys["get_miss_and_backlog"]),
     )  # fmt: skip
     publish = r.get("jetstream_publish", {})
     if publish:

@@ -45,7 +45,10 @@ def check_figures(data: dict[str, Any]) -> None:
         assert figure["rps"] > 0 and figure["p99_ms"] >= figure["p50_ms"] > 0, (name, figure)
         # The figures must be of answers, not of errors.
         assert figure["non_2xx"] <= 0.1 * figure["requests"], (name, figure)
-    assert r["get_miss"]["miss_fraction"] > 0.5, r["get_miss"]
+    # GET miss walks the 2,000 drained keys in order: each is a miss the first time it is asked for
+    # (a fast machine wraps around within the smoke's 1.5 s and then reads them as hits).
+    miss = r["get_miss"]
+    assert miss["misses"] >= 0.95 * min(miss["hits"] + miss["misses"], 2000), miss
     publish = r["jetstream_publish"]
     assert publish["rate"] > 0 and publish["failed"] == 0 and publish["in_flight"] == 50, publish
     assert r["jetstream_fetch_ack"]["rate"] > 0 and r["jetstream_fetch_ack"]["messages"] == 2000
