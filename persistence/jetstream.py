@@ -328,6 +328,13 @@ class SyncJetStream:
                 self._client = client
         return self._client
 
+    def close(self, timeout: float = 3.0) -> None:
+        """Close the connection, if any; the next call connects again."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            self.run(client.close(), timeout)
+
     def publish(
         self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float, new_only: bool = False
     ) -> int:
@@ -395,3 +402,9 @@ def publisher() -> SyncJetStream:
             if _publisher is None or _publisher._pid != os.getpid():
                 _publisher = SyncJetStream()
     return _publisher
+
+
+def close_publisher() -> None:
+    """Close this process's publisher connection, if it has one."""
+    if _publisher is not None and _publisher._pid == os.getpid():
+        _publisher.close()

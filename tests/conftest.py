@@ -62,6 +62,15 @@ class Servers:
             connections.close_all()
 
 
+def _close_publisher() -> None:
+    from persistence import jetstream
+
+    try:
+        jetstream.close_publisher()
+    except Exception as error:  # a test may have left NATS stopped or the loop busy
+        print(f"closing the JetStream publisher: {type(error).__name__}: {error}")
+
+
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
     missing = [name for name, url in EXTERNAL.items() if not url]
@@ -76,6 +85,7 @@ def servers() -> Iterator[Servers]:
             external={name: bool(url) for name, url in EXTERNAL.items()},
         )
     finally:
+        _close_publisher()  # before NATS stops: else its reconnect attempts log after pytest closed its output
         if stack is not None:
             stack.stop()
         if data_dir is not None:
