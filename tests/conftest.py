@@ -302,7 +302,8 @@ def worker(worker_factory: Any) -> Worker:
     from persistence import jetstream, services
 
     started = worker_factory(WORKER_BATCH_TIMEOUT="100ms").start()
-    assert jetstream.publisher().wait_drained(30), "the worker did not drain the earlier tests' backlog"
+    # Polled: until the new process has created the consumer, the backlog's state is unknown.
+    wait_for(lambda: jetstream.publisher().wait_drained(1), timeout=30, message="the earlier tests' backlog drained")
     services._backlog.last_wait_failed = False
     return started
 
@@ -314,7 +315,15 @@ class Api:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.env = {"API_PORT": str(self.port), "API_WORKERS": "2", "API_THREADS": "8", **env}
+        # A free port of its own for the dashboard's websocket server: API_PORT + 1 (the default)
+        # may be taken by another process of the run.
+        self.env = {
+            "API_PORT": str(self.port),
+            "DASHBOARD_PORT": str(free_port()),
+            "API_WORKERS": "2",
+            "API_THREADS": "8",
+            **env,
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20) -> Api:

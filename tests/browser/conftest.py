@@ -74,18 +74,21 @@ def shot(page: Any, name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def dashboard_server(api: Any, tmp_path_factory: pytest.TempPathFactory, django_db_setup: Any) -> Iterator[str]:
-    """`manage.py rundashboard` for the session API (its port is API_PORT + 1 by default)."""
-    port = api.port + 1
+    """`manage.py rundashboard` for the session API, on the DASHBOARD_PORT its pages point to."""
+    port = int(api.env["DASHBOARD_PORT"])
     log = open(tmp_path_factory.mktemp("dashboard") / "dashboard.log", "ab")  # noqa: SIM115
     proc = manage(
         "rundashboard",
-        env=service_env(API_PORT=str(api.port), API_WORKERS="2"),
+        env=service_env(API_PORT=str(api.port), DASHBOARD_PORT=str(port), API_WORKERS="2"),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/"
-    wait_for(lambda: _answers(url), timeout=20, message="dashboard server")
+    wait_for(lambda: _answers(url) or proc.poll() is not None, timeout=20, message="dashboard server")
+    if proc.poll() is not None:
+        log.flush()
+        raise RuntimeError(f"rundashboard exited:\n{Path(log.name).read_text(errors='replace')[-3000:]}")
     yield url
     proc.terminate()
     proc.wait(15)
