@@ -224,6 +224,15 @@ def _loop_and_client() -> tuple[SyncJetStream, JetStream]:
     return sync, client
 
 
+def close_connection() -> None:
+    """Close this module's connection, if it has one (the next request connects again)."""
+    global _cached
+    with _lock:
+        cached, _cached = _cached, None
+    if cached is not None and cached[0]._pid == os.getpid():
+        cached[0].run(cached[2].close(), timeout=2)
+
+
 def _run(
     request: Callable[[JetStream], Coroutine[Any, Any, T]],
     *,

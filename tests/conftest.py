@@ -62,13 +62,15 @@ class Servers:
             connections.close_all()
 
 
-def _close_publisher() -> None:
-    from persistence import jetstream
+def _close_nats_clients() -> None:
+    """This process's NATS connections: the publisher's and the stream admin's on its loop."""
+    from persistence import jetstream, streams_admin
 
-    try:
-        jetstream.close_publisher()
-    except Exception as error:  # a test may have left NATS stopped or the loop busy
-        print(f"closing the JetStream publisher: {type(error).__name__}: {error}")
+    for close in (streams_admin.close_connection, jetstream.close_publisher):
+        try:
+            close()
+        except Exception as error:  # a test may have left NATS stopped or the loop busy
+            print(f"closing a NATS connection: {type(error).__name__}: {error}")
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +87,7 @@ def servers() -> Iterator[Servers]:
             external={name: bool(url) for name, url in EXTERNAL.items()},
         )
     finally:
-        _close_publisher()  # before NATS stops: else its reconnect attempts log after pytest closed its output
+        _close_nats_clients()  # before NATS stops: else reconnect attempts log after pytest closed its output
         if stack is not None:
             stack.stop()
         if data_dir is not None:
