@@ -44,7 +44,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.db.models.signals import post_delete, post_save
 from django.http import HttpRequest, HttpResponse
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from cache_api.errors import error_response
 from ops.models import RateLimitClient, RateLimitSettings
@@ -562,9 +562,7 @@ def ratelimit_check(*, client: str, config: RateLimitConfig, read_key: str | Non
         commands.append(redis_store.read_command(read_key))
     try:
         replies = redis_store.round_trip(*commands, scripts=(_HIT_SCRIPT,))
-        if isinstance(replies[0], ResponseError):
-            raise replies[0]
-        allowed, remaining, retry_ms = replies[0]
+        allowed, remaining, retry_ms = redis_store.checked(replies[0])
     except RedisError as error:
         _warnings.warning("rate limit not applied, Redis unreachable (failing open)", error=error)
         return None

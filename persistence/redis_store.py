@@ -221,10 +221,14 @@ class HotScript:
 
     def __call__(self, keys: list[str], args: list[Any]) -> Any:
         """Run it alone (one round trip); an error reply raises."""
-        reply = round_trip(self.command(keys, args), scripts=(self,))[0]
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
+        return checked(round_trip(self.command(keys, args), scripts=(self,))[0])
+
+
+def checked(reply: Any) -> Any:
+    """A reply from :func:`round_trip`, or the ``ResponseError`` it is, raised."""
+    if isinstance(reply, ResponseError):
+        raise reply
+    return reply
 
 
 def round_trip(*commands: tuple[Any, ...], scripts: tuple[HotScript, ...] = ()) -> list[Any]:
@@ -258,8 +262,7 @@ def read_command(key: str) -> tuple[Any, ...]:
 
 def entry_from_reply(key: str, reply: Any) -> StoredEntry | Tombstone | None:
     """The entry, a tombstone, or None, from the reply to :func:`read_command`."""
-    if isinstance(reply, ResponseError):
-        raise reply
+    reply = checked(reply)
     if isinstance(reply, list):  # RESP2: field, value, field, value, ...
         reply = dict(zip(reply[::2], reply[1::2], strict=True))
     if not reply:
@@ -294,10 +297,11 @@ def read(key: str) -> StoredEntry | Tombstone | None:
 
 
 def read_many(keys: list[str]) -> list[StoredEntry | Tombstone | None]:
-    pipe = client().pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(entry_key(key))
-    return [entry_from_reply(key, fields) for key, fields in zip(keys, pipe.execute(), strict=True)]
+    """One round trip for all the keys."""
+    if not keys:
+        return []
+    replies = round_trip(*(read_command(key) for key in keys))
+    return [entry_from_reply(key, reply) for key, reply in zip(keys, replies, strict=True)]
 
 
 def _entry_from_hash(key: str, fields: dict[bytes, bytes]) -> StoredEntry:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from itertools import islice
 
 from django.db.models import QuerySet
-from redis.exceptions import ResponseError
 
 from persistence import redis_store
 from persistence.keys import entry_key
@@ -60,10 +59,7 @@ def _store_chunk(entries: list[StoredEntry], *, force: bool) -> list[bool]:
         if force:
             commands.append(("DEL", entry_key(entry.key)))
         commands.append(redis_store.STORE_ENTRY.command([entry_key(entry.key)], redis_store.store_args(entry)))
-    replies = redis_store.round_trip(*commands, scripts=(redis_store.STORE_ENTRY,))
-    for reply in replies:
-        if isinstance(reply, ResponseError):
-            raise reply
+    replies = [redis_store.checked(r) for r in redis_store.round_trip(*commands, scripts=(redis_store.STORE_ENTRY,))]
     if force:
         replies = replies[1::2]
     return [bool(reply[0]) for reply in replies]

@@ -35,7 +35,7 @@ from django import db
 from redis.exceptions import RedisError
 
 from persistence import jetstream, redis_store
-from persistence.messages import PersistWrite, PoisonMessageError, decode, isoformat, latest_per_key
+from persistence.messages import OP_SET, PersistWrite, PoisonMessageError, decode, isoformat, latest_per_key
 from persistence.worker.config import WorkerConfig, reload_config
 from persistence.write_behind import cache_entries_upsert_many
 
@@ -382,7 +382,7 @@ class Worker:
         Runs in the background while the next batch is fetched and written; at most one runs
         at a time. A version 1 is skipped: no copy older than the first version can exist.
         """
-        versions = {w.key: w.version for w in batch if w.op == "set" and w.version > 1}
+        versions = {w.key: w.version for w in batch if w.op == OP_SET and w.version > 1}
         if self.evicting is not None:
             await self.evicting
             self.evicting = None
