@@ -7,8 +7,9 @@
   the source of truth. Every change (services below, the admin, any ``save()``/``delete()``
   through the model signals) is compiled to one small JSON document in Redis,
   ``<prefix>ratelimit:config``. Each API process keeps that document in memory and re-reads it
-  at most every :data:`REFRESH_SECONDS` (one GET, by whichever request finds it stale; the others
-  keep using the copy they have). So a change applies everywhere within about half a second. If
+  at most every :data:`REFRESH_SECONDS` (one GET, by whichever request finds it stale; requests
+  arriving meanwhile wait for that GET, up to :data:`REFRESH_WAIT_SECONDS`, instead of applying
+  the old copy). So a change applies everywhere within about half a second. If
   the key is missing (Redis restarted empty), the process that notices rebuilds it from
   PostgreSQL; if PostgreSQL is down too, it keeps the last config it knew (disabled at start).
 - **Counting**: one Lua script call per request (one round trip, atomic): ``fixed`` counts the
@@ -55,6 +56,9 @@ logger = logging.getLogger(__name__)
 DATA_PLANE_PREFIX = "/v1/"
 SETTINGS_PK = 1
 REFRESH_SECONDS = 0.5
+# While one request re-reads a stale config, the others wait this long for it (one Redis GET)
+# rather than apply the old one; only a Redis that does not answer makes them go on without it.
+REFRESH_WAIT_SECONDS = 0.25
 # After a failed rebuild from PostgreSQL, do not try again (on the request path) for this long.
 REBUILD_BACKOFF_SECONDS = 5.0
 # Counter keys outlive their window by this much, for clock differences between API hosts.
@@ -227,8 +231,9 @@ class _ConfigCache:
     def get(self) -> RateLimitConfig:
         if time.monotonic() < self.fresh_until:
             return self.config
-        # One thread refreshes; the others go on with the copy they have (no thundering herd).
-        if self.lock.acquire(blocking=False):
+        # One thread refreshes; the others wait for it (one GET, no thundering herd) and then
+        # find the config fresh. If Redis hangs, they go on with the copy they have.
+        if self.lock.acquire(timeout=REFRESH_WAIT_SECONDS):
             try:
                 if time.monotonic() >= self.fresh_until:
                     self._refresh()

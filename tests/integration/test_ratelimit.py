@@ -485,6 +485,31 @@ def test_sliding_window_weighs_the_previous_window(client: Client, operator_toke
     assert [_get(client, key).status_code for _ in range(3)] == [404, 404, 429]
 
 
+def test_requests_arriving_during_a_refresh_wait_for_it_instead_of_applying_the_old_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The race test_concurrent_requests_are_counted_exactly once hit: a burst reaches a process
+    # whose copy is stale; one request re-reads it, and the others must not go on with the old one.
+    cache = ratelimit._ConfigCache()
+    old, new = ratelimit.RateLimitConfig(enabled=True, limit=1), ratelimit.RateLimitConfig(enabled=True, limit=20)
+    cache.config = old
+    refreshing = threading.Event()
+
+    def slow_refresh() -> None:
+        refreshing.set()
+        time.sleep(0.1)  # the GET, slowed down
+        cache.config, cache.fresh_until = new, time.monotonic() + ratelimit.REFRESH_SECONDS
+
+    monkeypatch.setattr(cache, "_refresh", slow_refresh)
+    seen: list[ratelimit.RateLimitConfig] = []
+    refresher = threading.Thread(target=lambda: seen.append(cache.get()))
+    refresher.start()
+    refreshing.wait(5)
+    assert cache.get() == new, "a request during the refresh got the old config"
+    refresher.join()
+    assert seen == [new]
+
+
 def test_the_compiled_config_survives_its_json_round_trip() -> None:
     config = ratelimit.RateLimitConfig(
         enabled=True, limit=3, window=9, algorithm="sliding", overrides={"k": 1}, blocked=frozenset({"b"})
