@@ -13,7 +13,12 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 from rest_framework import exceptions as drf
 
-from persistence.errors import KeyNotFoundError, ServiceUnavailableError, VersionMismatchError
+from persistence.errors import (
+    KeyNotFoundError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    VersionMismatchError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,14 @@ def to_response(error: Exception) -> HttpResponse | None:
     if isinstance(error, ServiceUnavailableError):
         details = {"dependency": error.dependency, **(error.details or {})}
         return error_response(503, "SERVICE_UNAVAILABLE", error.message, details, headers={"Retry-After": "1"})
+    if isinstance(error, PayloadTooLargeError):
+        return error_response(
+            413,
+            "PAYLOAD_TOO_LARGE",
+            f"the write (value, metadata and key) takes up to {error.size} bytes as a stream message; the "
+            f"message broker accepts {error.limit}: send a smaller value or metadata",
+            {"size": error.size, "max_message_size": error.limit},
+        )
     if isinstance(error, RequestDataTooBig):
         return error_response(413, "PAYLOAD_TOO_LARGE", "request body is too large", None)
     if isinstance(error, drf.MethodNotAllowed):

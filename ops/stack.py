@@ -47,6 +47,9 @@ DATABASE_NAME = "birbnest"
 NOBODY = 65534
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+# Largest NATS message (payload + headers) the servers started here accept: 8 MiB, the most
+# nats-server takes without a warning. The API refuses with 413 what would not fit.
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024
 NATS_MONITOR_PORT = 8222  # the runbook curls localhost:8222/healthz: `make run` takes it when free
 # SIGINT is PostgreSQL's "fast" shutdown (roll back sessions, checkpoint, exit); SIGTERM would
 # wait for every client to disconnect. Redis and NATS flush their files on SIGTERM.
@@ -252,13 +255,17 @@ class Stack:
         port, monitor = self.ports["nats"], self.ports["nats_monitor"]
         argv = [str(_nats_server()), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
                 "-js", "-sd", str(nats_dir), "-l", str(log_path)]  # fmt: skip
+        # max_payload bounds a whole message, headers included (1 MiB by default): a value of
+        # MAX_VALUE_SIZE plus its key, metadata and envelope must fit (deploy/nats.conf says the same).
+        conf_text = f"max_payload: {NATS_MAX_PAYLOAD}\n"
         if self.fsync:
             # JetStream fsyncs every 2 minutes by default and may PubAck a message before it is
             # on disk, so a crash could lose acknowledged writes; "always" fsyncs before the ack.
-            conf = self.data_dir / "nats.conf"
-            # (store_dir stays on the command line: nats-server rejects it in both places.)
-            conf.write_text("jetstream {\n  sync_interval: always\n}\n")
-            argv += ["-c", str(conf)]
+            conf_text += "jetstream {\n  sync_interval: always\n}\n"
+        conf = self.data_dir / "nats.conf"
+        # (store_dir stays on the command line: nats-server rejects it in both places.)
+        conf.write_text(conf_text)
+        argv += ["-c", str(conf)]
         return self._run_server("nats", argv, nats_dir, log_path, lambda _: _nats_ready(port, monitor))
 
 

@@ -27,3 +27,13 @@ class ServiceUnavailableError(Exception):
         self.dependency = dependency
         self.details = details
         super().__init__(message)
+
+
+class PayloadTooLargeError(Exception):
+    """A write whose persist message (value, metadata, key, envelope and headers) would be
+    larger than the NATS server accepts; refused before anything was changed."""
+
+    def __init__(self, *, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"write message of up to {size} bytes exceeds the {limit} bytes NATS accepts")

@@ -40,11 +40,47 @@ DUPLICATE_WINDOW = 120.0
 # (i+2)-th delivery); after WORKER_MAX_DELIVER deliveries the worker dead-letters the message.
 ACK_WAIT = 10.0
 REDELIVERY_BACKOFF = (10.0, 20.0, 40.0, 60.0)
-RECONNECT_INTERVAL = 1.0
+# After a failed connect, callers fail at once for this long, then one tries again; the wait
+# doubles up to RECONNECT_MAX while NATS stays unreachable.
+RECONNECT_INTERVAL = 0.25
+RECONNECT_MAX = 2.0
+# Room left in every persist message for the headers the worker adds when it dead-letters it
+# (Birb-Error holds up to 1,000 characters), so any message the API sends fits the DLQ too.
+DEAD_LETTER_HEADROOM = 2048
 
 
 class PublishError(Exception):
-    """A message could not be made durable (no PubAck in time, stream missing, server down)."""
+    """A message could not be made durable (no PubAck in time, stream missing, server down).
+
+    ``reason`` is a stable word for clients and metrics (``not_connected``, ``timeout``,
+    ``no_stream``, ``duplicate``, ``unreachable``, ``error``); the message has the details,
+    for the logs.
+    """
+
+    def __init__(self, message: str, *, reason: str = "error") -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class MessageTooLargeError(Exception):
+    """The message with its headers would exceed the server's ``max_payload``; not sent.
+
+    Sending it anyway would make the server close the connection ("maximum payload exceeded").
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"message of {size} bytes with headers exceeds the NATS server's max_payload of {limit}")
+
+
+def message_size(payload: bytes, headers: dict[str, str] | None) -> int:
+    """Bytes the server counts against ``max_payload``: payload plus the header block as nats-py
+    writes it (``NATS/1.0\\r\\n``, ``Name: value\\r\\n`` each, a blank line)."""
+    if not headers:
+        return len(payload)
+    block = 12 + sum(len(name.encode()) + len(value.encode()) + 4 for name, value in headers.items())
+    return len(payload) + block
 
 
 @dataclass(frozen=True)
@@ -129,6 +165,17 @@ def consumer_config(n: Names) -> api.ConsumerConfig:
 def max_deliveries_advisory_subject(n: Names) -> str:
     """Published by the server when a message reached max_deliver without being acknowledged."""
     return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{n.stream}.{n.consumer}"
+
+
+def _reason(error: BaseException) -> str:
+    """The stable reason word of a failed publish (see :class:`PublishError`)."""
+    if isinstance(error, TimeoutError):  # nats.errors.TimeoutError is one too
+        return "timeout"
+    if isinstance(error, nats.js.errors.NoStreamResponseError):
+        return "no_stream"
+    if isinstance(error, nats.errors.ConnectionClosedError | nats.errors.ConnectionReconnectingError | OSError):
+        return "not_connected"
+    return "error"
 
 
 async def _log_error(error: Exception) -> None:
@@ -221,17 +268,40 @@ class JetStream:
         self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float, new_only: bool = False
     ) -> int:
         """Publish and wait for the PubAck; the stream sequence. ``new_only``: a message JetStream
-        de-duplicates (its ``Nats-Msg-Id`` was seen within the window) is an error."""
+        de-duplicates (its ``Nats-Msg-Id`` was seen within the window) is an error.
+
+        A message over the server's ``max_payload`` raises :class:`MessageTooLargeError` without
+        being sent: nats-py checks only the payload, and the server drops the connection for good.
+        """
+        size, limit = message_size(payload, headers), self.max_payload
+        if size > limit:
+            raise MessageTooLargeError(size, limit)
         try:
             ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as error:
-            raise PublishError(f"{type(error).__name__}: {error}".rstrip(": ")) from error
+            raise PublishError(f"{type(error).__name__}: {error}".rstrip(": "), reason=_reason(error)) from error
         if new_only and ack.duplicate:
             # JetStream already holds a message with this id, so this one was dropped. Every
             # write has its own id (key:version): a duplicate means a version collision, and
             # answering 2xx would acknowledge a write that will never be applied.
-            raise PublishError(f"JetStream dropped the message as a duplicate of {headers.get('Nats-Msg-Id')}")
+            raise PublishError(
+                f"JetStream dropped the message as a duplicate of {headers.get('Nats-Msg-Id')}", reason="duplicate"
+            )
         return int(ack.seq)
+
+    @property
+    def is_closed(self) -> bool:
+        """Closed for good: nats-py will not reconnect it (see :meth:`SyncJetStream.client`)."""
+        return bool(self.nc.is_closed)
+
+    @property
+    def last_error(self) -> str:
+        return str(self.nc.last_error or "closed")
+
+    @property
+    def max_payload(self) -> int:
+        """The connected server's limit on one message, headers included (its INFO)."""
+        return int(self.nc.max_payload)
 
     async def pull_subscription(self) -> Any:
         return await self.js.pull_subscribe_bind(durable=self.names.consumer, stream=self.names.stream)
@@ -300,7 +370,8 @@ class SyncJetStream:
         self._thread.start()
         self._lock = threading.Lock()
         self._client: JetStream | None = None
-        self._last_failure = 0.0
+        self._retry_at = 0.0
+        self._retry_wait = RECONNECT_INTERVAL
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -311,22 +382,47 @@ class SyncJetStream:
             raise
 
     def client(self) -> JetStream:
-        if self._client is not None:
-            return self._client
+        """The connection, connecting first if there is none or the one there was is closed.
+
+        nats-py reconnects a dropped connection by itself, but it closes one for good after some
+        server errors (a message over ``max_payload``, an authorization error) and then never
+        comes back: such a connection is replaced here, so a process is never cut off NATS.
+        """
+        client = self._client
+        if client is not None and not client.is_closed:
+            return client
         with self._lock:
-            if self._client is None:
+            client = self._client
+            if client is not None and client.is_closed:
+                logger.warning("NATS connection is closed (%s); connecting again", client.last_error)
+                self._client = client = None
+            if client is None:
                 # While NATS is unreachable, callers fail at once instead of each waiting out
-                # a connect timeout; one attempt per RECONNECT_INTERVAL goes through.
-                if time.monotonic() - self._last_failure < RECONNECT_INTERVAL:
-                    raise PublishError("NATS is unreachable (last attempt failed less than a second ago)")
+                # a connect timeout; one attempt per wait goes through, the wait doubling.
+                now = time.monotonic()
+                if now < self._retry_at:
+                    raise PublishError("NATS is unreachable (retrying)", reason="unreachable")
                 try:
                     client = self.run(JetStream.connect(name=f"birb-nest-api-{os.getpid()}"), timeout=4)
                     self.run(client.ensure_streams(), timeout=5)
                 except Exception:
-                    self._last_failure = time.monotonic()
+                    self._retry_at = time.monotonic() + self._retry_wait
+                    self._retry_wait = min(self._retry_wait * 2, RECONNECT_MAX)
                     raise
+                self._retry_wait = RECONNECT_INTERVAL
                 self._client = client
-        return self._client
+        return client
+
+    def message_limit(self) -> int | None:
+        """The largest persist message (payload + headers) this process may send: the server's
+        ``max_payload`` less :data:`DEAD_LETTER_HEADROOM`; None while not connected."""
+        try:
+            client = self.client()
+        except Exception:  # unreachable: the publish that follows answers for it
+            return None
+        if not client.nc.is_connected:
+            return None
+        return client.max_payload - DEAD_LETTER_HEADROOM
 
     def close(self, timeout: float = 3.0) -> None:
         """Close the connection, if any; the next call connects again."""
@@ -343,16 +439,18 @@ class SyncJetStream:
         except PublishError:
             raise
         except Exception as error:
-            raise PublishError(f"cannot connect to NATS: {type(error).__name__}: {error}") from error
+            raise PublishError(
+                f"cannot connect to NATS: {type(error).__name__}: {error}", reason="unreachable"
+            ) from error
         if not client.nc.is_connected:
             # nats-py would buffer the message until it reconnects; a write must not wait on that.
-            raise PublishError("not connected to NATS (reconnecting)")
+            raise PublishError("not connected to NATS (reconnecting)", reason="not_connected")
         try:
             return self.run(
                 client.publish(subject, payload, headers=headers, timeout=timeout, new_only=new_only), timeout + 1
             )
         except TimeoutError as error:
-            raise PublishError("no PubAck within the publish timeout") from error
+            raise PublishError("no PubAck within the publish timeout", reason="timeout") from error
 
     def wait_drained(self, timeout: float) -> bool:
         """Wait until the worker has acknowledged (or dead-lettered) every message published so

@@ -129,3 +129,14 @@ def latest_per_key(writes: list[PersistWrite]) -> list[PersistWrite]:
         if current is None or write.version > current.version:
             latest[write.key] = write
     return list(latest.values())
+
+
+# Everything in a persist message besides the value, the metadata and the key (twice: in the body
+# and in the Nats-Msg-Id header): field names, op, version, expiry, two timestamps, the header
+# block. Generous: the exact size is checked again when the message is published.
+ENVELOPE_BOUND = 512
+
+
+def max_message_size(*, key: str, value_size: int, metadata_size: int) -> int:
+    """The most bytes (payload + headers) the persist message of a set can take."""
+    return value_size + metadata_size + 2 * len(key.encode()) + ENVELOPE_BOUND

@@ -29,8 +29,21 @@ from django.db import DatabaseError
 from redis.exceptions import RedisError
 
 from persistence import jetstream, redis_store, selectors
-from persistence.errors import KeyNotFoundError, ServiceUnavailableError, VersionMismatchError
-from persistence.messages import OP_DELETE, OP_SET, PersistWrite, encode, isoformat, message_id
+from persistence.errors import (
+    KeyNotFoundError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    VersionMismatchError,
+)
+from persistence.messages import (
+    OP_DELETE,
+    OP_SET,
+    PersistWrite,
+    encode,
+    isoformat,
+    max_message_size,
+    message_id,
+)
 from persistence.redis_store import TOMBSTONE, StoredEntry, Tombstone
 from persistence.write_behind import cache_entries_upsert_many
 
@@ -47,13 +60,17 @@ class WriteResult:
     created: bool
 
 
+# A 503's details name the dependency and a stable reason word; what the client library said
+# (addresses, internal error names) goes to the log only.
 def _redis_unavailable(error: Exception) -> ServiceUnavailableError:
-    return ServiceUnavailableError("Redis is unavailable", dependency="redis", details={"reason": str(error)})
+    logger.warning("Redis unavailable: %s: %s", type(error).__name__, error, extra={"error": str(error)})
+    return ServiceUnavailableError("Redis is unavailable", dependency="redis", details={"reason": "unavailable"})
 
 
 def _db_unavailable(error: Exception) -> ServiceUnavailableError:
+    logger.warning("PostgreSQL unavailable: %s", str(error).strip(), extra={"error": str(error).strip()})
     return ServiceUnavailableError(
-        "PostgreSQL is unavailable", dependency="database", details={"reason": str(error).strip()}
+        "PostgreSQL is unavailable", dependency="database", details={"reason": "unavailable"}
     )
 
 
@@ -88,7 +105,7 @@ def _db_call(fn: Callable[..., Any], **kwargs: Any) -> Any:
         raise ServiceUnavailableError(
             "PostgreSQL is unavailable: circuit breaker is open",
             dependency="database",
-            details={"reason": "circuit breaker is open", "retry_after_seconds": _db_breaker.reset_timeout},
+            details={"reason": "circuit_open", "retry_after_seconds": _db_breaker.reset_timeout},
         ) from error
     except DatabaseError as error:
         raise _db_unavailable(error) from error
@@ -170,6 +187,10 @@ def _make_durable(write: PersistWrite) -> None:
             new_only=True,
         )
         return
+    except jetstream.MessageTooLargeError as error:
+        # Caught before sending by the size check (check_message_fits) unless the server's limit
+        # changed meanwhile; refused the same way, nothing was published.
+        raise PayloadTooLargeError(size=error.size, limit=error.limit) from error
     except jetstream.PublishError as error:
         failure = error
     if settings.BIRB.write_fallback == "postgres":
@@ -192,8 +213,24 @@ def _make_durable(write: PersistWrite) -> None:
     raise ServiceUnavailableError(
         "the write could not be made durable (JetStream did not acknowledge it)",
         dependency="nats",
-        details={"reason": str(failure)},
+        details={"reason": failure.reason},
     ) from failure
+
+
+def check_message_fits(*, key: str, value_json: bytes, metadata_json: bytes) -> None:
+    """Refuse a write whose persist message would not fit the NATS server's ``max_payload``.
+
+    Runs before a version is assigned, so a refused write changes nothing. The bound is the
+    message's largest possible size (see :func:`persistence.messages.max_message_size`); the
+    publish itself checks the exact size again. Unknown while not connected: the publish
+    then fails (503) or checks.
+    """
+    limit = jetstream.publisher().message_limit()
+    if limit is None:
+        return
+    size = max_message_size(key=key, value_size=len(value_json), metadata_size=len(metadata_json))
+    if size > limit:
+        raise PayloadTooLargeError(size=size, limit=limit)
 
 
 def cache_entry_set(
@@ -214,6 +251,7 @@ def cache_entry_set(
     now = datetime.now(UTC)
     stamp = isoformat(now)
     expires_at_ms = int(now.timestamp() * 1000) + ttl * 1000 if ttl > 0 else None
+    check_message_fits(key=key, value_json=value_json, metadata_json=metadata_json)
     version = _next_version(key, if_match=if_match)
     _make_durable(
         PersistWrite(

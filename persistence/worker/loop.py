@@ -89,6 +89,9 @@ class Worker:
         self.reload_requested = False
         self.persisted = 0
         self.dead_lettered = 0
+        # Set when NATS closed the connection for good (nats-py does not reconnect after some
+        # server errors): run() returns and run_async connects again.
+        self.connection_lost = False
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -150,6 +153,12 @@ class Worker:
         fetching: asyncio.Task[list[tuple[Any, PersistWrite | PoisonMessageError]]] | None = None
         try:
             while not self.stop.is_set() or fetching is not None:
+                if self.js.is_closed:
+                    # Messages in hand cannot be acknowledged any more: they come back after the
+                    # ack wait, to this worker once it has connected again, or to another.
+                    logger.error("NATS closed the connection (%s); connecting again", self.js.last_error)
+                    self.connection_lost = True
+                    break
                 self.touch_liveness()
                 if self.reload_requested:
                     self.reload()
@@ -433,14 +442,25 @@ async def run_async(
         config.batch_size,
         config.batch_timeout,
     )
-    worker = Worker(config, js, stop)
-    with contextlib.suppress(ValueError, RuntimeError):
-        loop.add_signal_handler(signal.SIGUSR1, worker.request_reload)
-    try:
-        await worker.run()
-    finally:
-        await js.close()
-    logger.info("worker stopped: %d writes persisted, %d dead-lettered", worker.persisted, worker.dead_lettered)
+    persisted = dead_lettered = 0
+    while True:
+        worker = Worker(config, js, stop)
+        with contextlib.suppress(ValueError, RuntimeError):
+            loop.add_signal_handler(signal.SIGUSR1, worker.request_reload)
+        try:
+            await worker.run()
+        finally:
+            await js.close()
+        persisted, dead_lettered = persisted + worker.persisted, dead_lettered + worker.dead_lettered
+        if not worker.connection_lost or stop.is_set():
+            break
+        config = worker.config  # keeps what SIGUSR1 reloaded
+        reconnected = await _connect_until_ready(stop)
+        if reconnected is None:
+            break
+        js = reconnected
+        logger.info("worker consuming %s again after reconnecting", n.stream)
+    logger.info("worker stopped: %d writes persisted, %d dead-lettered", persisted, dead_lettered)
     return 0
 
 

@@ -44,6 +44,7 @@ class FakeMsg:
 
 class FakeJetStream:
     names = jetstream.Names(stream="S", dlq_stream="D", subject_prefix="cache", consumer="c")
+    is_closed = False
 
     def __init__(self, batches: list[list[str]], events: list[tuple[str, Any]]) -> None:
         self.events = events

@@ -57,3 +57,20 @@ class Command(BaseCommand):
             jetstream.publisher().client()
         except Exception as error:
             self.stderr.write(f"NATS JetStream not reachable at start-up ({error}); writes answer 503 until it is")
+            return
+        self._check_max_payload()
+
+    def _check_max_payload(self) -> None:
+        """Warn when the NATS server cannot take a value of MAX_VALUE_SIZE (those writes get 413)."""
+        from persistence import jetstream
+        from persistence.messages import max_message_size
+
+        limit = jetstream.publisher().message_limit()
+        needed = max_message_size(key="k" * 255, value_size=settings.BIRB.max_value_size, metadata_size=0)
+        if limit is not None and needed > limit:
+            self.stderr.write(
+                f"warning: the NATS server's max_payload leaves {limit} bytes for a write message, but a value "
+                f"of MAX_VALUE_SIZE={settings.BIRB.max_value_size} bytes needs up to {needed}: such writes "
+                "answer 413; raise max_payload in the NATS server's configuration (deploy/nats.conf) "
+                "or lower MAX_VALUE_SIZE"
+            )

@@ -1,0 +1,166 @@
+"""Item 1 of the hostile-input issue: a write near the size limit must never cut a process off NATS.
+
+NATS's ``max_payload`` bounds a whole message, headers included, and nats-py checks only the
+payload: a message over it makes the server close the connection, and nats-py then gives up for
+good. Every value the contract accepts is stored by the servers `make run` starts (their
+``max_payload`` is sized for it); a server with a smaller limit gets a 413 before anything is sent;
+and a connection the server closed comes back by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+
+from ops.stack import _nats_server
+from tests.conftest import free_port, unique_key, wait_for
+from tests.hostile.conftest import assert_error, assert_healthy, assert_not_stored
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+NEW_CONNECTIONS = 40  # each on a new connection: granian's two processes both get some
+
+
+def longest_key(name: str) -> str:
+    key = unique_key(name)
+    return key + "x" * (255 - len(key))
+
+
+def largest_value_body() -> bytes:
+    """``{"value": "xxx…"}`` whose value is exactly MAX_VALUE_SIZE bytes of JSON."""
+    size = settings.BIRB.max_value_size
+    return b'{"value": "' + b"x" * (size - 2) + b'"}'
+
+
+def assert_ordinary_writes_succeed_everywhere(base_url: str) -> None:
+    statuses = [
+        httpx.post(f"{base_url}/v1/cache/{unique_key('after')}", json={"value": i}, timeout=10).status_code
+        for i in range(NEW_CONNECTIONS)
+    ]
+    assert statuses == [201] * NEW_CONNECTIONS, statuses
+
+
+def test_largest_value_with_longest_key_is_stored_and_every_process_keeps_writing(api) -> None:
+    # given the largest value the contract accepts, under the longest key
+    key, body = longest_key("big"), largest_value_body()
+    # when it is written
+    response = httpx.post(f"{api.url}/v1/cache/{key}", content=body, timeout=30)
+    # then it is stored and reads back whole
+    assert response.status_code == 201, response.content[:300]
+    read = httpx.get(f"{api.url}/v1/cache/{key}", timeout=30)
+    assert read.status_code == 200 and len(read.json()["value"]) == settings.BIRB.max_value_size - 2
+    # and every API process still writes, and is healthy
+    assert_ordinary_writes_succeed_everywhere(api.url)
+    assert_healthy(api.url)
+
+
+@pytest.fixture
+def small_payload_nats() -> Iterator[str]:
+    """A NATS server with JetStream and the default max_payload of 1 MiB (as a plain install has)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="birb-nats-"))
+    port = free_port()
+    argv = [str(_nats_server()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(data_dir)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _accepts(port), timeout=10, message="nats-server to listen")
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_write_over_the_servers_max_payload_is_413_before_publishing(api_factory, small_payload_nats) -> None:
+    # given an API on a NATS server whose max_payload (1 MiB) cannot hold the largest value
+    api = api_factory(NATS_URL=small_payload_nats).start()
+    key = longest_key("big")
+    # when the largest accepted value is written, several times
+    for _ in range(3):
+        response = httpx.post(f"{api.url}/v1/cache/{key}", content=largest_value_body(), timeout=30)
+        # then it is refused as too large, not as a broken dependency
+        body = assert_error(response, 413, "PAYLOAD_TOO_LARGE")
+        assert body["details"]["max_message_size"] < body["details"]["size"]
+    assert_not_stored(api.url, key)
+    # and the processes are still connected: ordinary writes succeed, health is green
+    assert_ordinary_writes_succeed_everywhere(api.url)
+    assert_healthy(api.url)
+
+
+def test_a_connection_the_server_closed_is_replaced(servers) -> None:
+    from persistence import jetstream
+
+    publisher = jetstream.publisher()
+    client = publisher.client()
+    subject = jetstream.names().persist_subject("probe")
+    # given the server closed our connection for good (a message over max_payload, sent raw)
+    oversize = b"x" * (client.max_payload - 10)
+    publisher.run(client.nc.publish(subject, oversize, headers={"X-Pad": "y" * 100}), 5)
+    wait_for(lambda: client.nc.is_closed, timeout=10, message="the server to close the connection")
+    # then within seconds the process is connected again and healthy, without a restart
+    started = time.monotonic()
+    wait_for(lambda: publisher.healthy()[0], timeout=10, message="the publisher to reconnect")
+    print(f"healthy again after {time.monotonic() - started:.2f} s")
+    assert publisher.client() is not client
+    # and the size check now refuses such a message instead of sending it
+    with pytest.raises(jetstream.MessageTooLargeError):
+        publisher.run(publisher.client().publish(subject, oversize, headers={"X-Pad": "y" * 100}, timeout=2), 5)
+    assert publisher.healthy()[0]
+
+
+def test_the_worker_connects_again_when_nats_closed_its_connection(transactional_db, monkeypatch) -> None:
+    from persistence import jetstream, services
+    from persistence.models import CacheEntry
+    from persistence.worker import loop
+    from persistence.worker.config import WorkerConfig
+
+    # given a worker running in this process (its connections are recorded as it makes them)
+    connections: list[jetstream.JetStream] = []
+    connect = jetstream.JetStream.connect.__func__  # type: ignore[attr-defined]
+
+    async def recording_connect(cls, **kwargs):
+        js = await connect(cls, **kwargs)
+        connections.append(js)
+        return js
+
+    monkeypatch.setattr(jetstream.JetStream, "connect", classmethod(recording_connect))
+    worker_loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    config = replace(WorkerConfig.from_settings(), batch_timeout=0.1)
+    thread = threading.Thread(target=lambda: worker_loop.run_until_complete(loop.run_async(config, stop)))
+    thread.start()
+    try:
+        wait_for(lambda: connections, timeout=20, message="the worker to connect")
+        first = connections[0]
+        # when the server closes its connection for good (a raw message over max_payload)
+        oversize = b"x" * (first.nc.max_payload - 10)
+        subject = jetstream.names().persist_subject("probe")
+        asyncio.run_coroutine_threadsafe(first.nc.publish(subject, oversize, headers={"X-Pad": "y" * 99}), worker_loop)
+        wait_for(lambda: first.nc.is_closed, timeout=10, message="the server to close the worker's connection")
+        # then it connects again and goes on persisting writes
+        wait_for(lambda: len(connections) > 1, timeout=20, message="the worker to connect again")
+        key = unique_key("after-close")
+        services.cache_entry_set(key=key, value_json=b"1", ttl=None)
+        wait_for(lambda: CacheEntry.objects.filter(key=key).exists(), timeout=20, message="the write persisted")
+    finally:
+        worker_loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
