@@ -15,6 +15,7 @@ across runs. Every server is a direct child, stopped by its PID.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import fcntl
 import importlib.util
@@ -47,6 +48,7 @@ DATABASE_NAME = "birbnest"
 NOBODY = 65534
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+CHILD_STOP_TIMEOUT = 15.0  # the API, the worker, the dashboard, the job runner
 # Largest NATS message (payload + headers) the servers started here accept: 8 MiB, the most
 # nats-server takes without a warning. The API refuses with 413 what would not fit.
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024
@@ -67,6 +69,53 @@ class StackError(RuntimeError):
 
 class PortInUseError(StackError):
     """A server could not bind its port: another process took it."""
+
+
+class StopRequestedError(Exception):
+    """SIGINT or SIGTERM arrived while servers were starting: start-up gave up (what it had
+    started is stopped by the caller's cleanup)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} received")
+        self.signum = signum
+
+
+class _StopRequest:
+    """What SIGINT/SIGTERM do to `python -m ops.stack`: set a flag, nothing else.
+
+    Start-up looks at the flag between its steps and while it waits for a server; the supervisor
+    loop looks at it every 0.2 s; then the shutdown runs to its end. The handler never raises: an
+    exception thrown into whatever runs when a signal lands (a server's Popen, the wait for it,
+    stack.stop() in the shutdown, the first signal's own cleanup) leaves servers running that
+    nothing stops any more. It does not log either: a signal that lands inside a write to stderr
+    would make logging's write raise "reentrant call". A flag is safe at any moment, however many
+    signals come. (Only this process's signals set it: tests calling start_stack never see it.)
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signum:
+            self._say(f"{name} again: already stopping; please wait")
+        else:
+            self.signum = signum
+            self._say(f"{name} received: stopping")
+
+    @staticmethod
+    def _say(message: str) -> None:
+        # An unbuffered write: it takes no lock that the interrupted code may hold.
+        with contextlib.suppress(OSError):
+            os.write(2, f"ops.stack: {message}\n".encode())
+
+    def check(self) -> None:
+        """Raise StopRequestedError if a stop was asked for."""
+        if self.signum:
+            raise StopRequestedError(self.signum)
+
+
+_stop_request = _StopRequest()
 
 
 @dataclass
@@ -100,6 +149,7 @@ class Stack:
         proc = self.processes.get(name)
         if proc is not None and proc.poll() is None:
             return
+        _stop_request.check()
         self._acquire_lock()
         began = time.monotonic()
         starter: dict[str, Callable[[], subprocess.Popen[bytes]]] = {
@@ -169,7 +219,12 @@ class Stack:
         self, name: str, argv: list[str], cwd: Path, log_path: Path,
         ready: Callable[[subprocess.Popen[bytes]], bool], as_nobody: bool = False,
     ) -> subprocess.Popen[bytes]:  # fmt: skip
-        """Start one server and wait until ``ready``; on failure stop it and raise with its log."""
+        """Start one server and wait until ``ready``; on failure stop it and raise with its log.
+
+        The server is recorded (``processes``, stack.json) as soon as it exists, so that stop(),
+        or stop_orphans() after a SIGKILL, stops it whatever happens while it starts.
+        """
+        _stop_request.check()  # e.g. after initdb: no server to start only to stop it
         since = log_path.stat().st_size if log_path.exists() else 0  # only this start's lines count
         # A new session keeps the terminal's Ctrl-C away from the servers, so the supervisor
         # can stop the API and worker before the servers they depend on.
@@ -178,8 +233,13 @@ class Stack:
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                 start_new_session=True, **_privileges(as_nobody),
             )  # fmt: skip
+        self.processes[name] = proc
+        self._save_state()
         deadline = time.monotonic() + READY_TIMEOUT
         while not ready(proc):
+            if _stop_request.signum:
+                self.stop_server(name)
+                _stop_request.check()
             if proc.poll() is not None:
                 problem = f"exited with code {proc.returncode}"
             elif time.monotonic() > deadline:
@@ -187,7 +247,7 @@ class Stack:
             else:
                 time.sleep(0.05)
                 continue
-            _stop_process(name, proc)
+            self.stop_server(name)
             output = _log_since(log_path, since)
             error = PortInUseError if "address already in use" in output.lower() else StackError
             raise error(f"{name} {problem}; {log_path} says:\n{output}")
@@ -219,6 +279,7 @@ class Stack:
                     **_privileges(as_nobody),
                 )  # fmt: skip
             if done.returncode != 0:
+                _stop_request.check()  # Ctrl-C reached initdb too: not a failure to report
                 raise StackError(f"initdb failed ({done.returncode}); {log_path} says:\n{_log_since(log_path, 0)}")
         _remove_stale_pidfile(pgdata)
         port = self.ports["postgres"]
@@ -586,11 +647,12 @@ class _Child:
 
 
 def _supervise(children: list[_Child], cwd: Path, env: dict[str, str]) -> int:
-    """Restart crashed children until Ctrl-C (KeyboardInterrupt); 1 after a crash loop."""
-    while True:
+    """Restart crashed children until SIGINT/SIGTERM (0); 1 after a crash loop."""
+    while not _stop_request.signum:
         now = time.monotonic()
         for child in children:
             if child.proc is not None and child.proc.poll() is not None:
+                _kill_group(child.proc)  # e.g. granian's workers, left by a main process that died
                 child.crashes = [t for t in child.crashes if now - t < 60] + [now]
                 if len(child.crashes) >= 5:
                     logger.error("%s crashed 5 times within 60 s; stopping everything", child.name)
@@ -604,28 +666,29 @@ def _supervise(children: list[_Child], cwd: Path, env: dict[str, str]) -> int:
             elif child.proc is None and child.restart_at is not None and now >= child.restart_at:
                 child.start(cwd, env)
         time.sleep(0.2)
+    return 0
 
 
 def _stop_children(children: list[_Child]) -> None:
     running = [c.proc for c in children if c.proc is not None and c.proc.poll() is None]
     for proc in running:
         proc.terminate()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + CHILD_STOP_TIMEOUT
     for proc in running:
         try:
             proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            logger.warning("pid %d did not stop in 15 s; killing it", proc.pid)
-            proc.kill()
-            proc.wait()
+            # (granian 2.8.9 loses a SIGTERM that reaches a worker while it loads the app.)
+            logger.warning("pid %d did not stop in %.0f s; killing it and its processes", proc.pid, CHILD_STOP_TIMEOUT)
+        _kill_group(proc)
+        proc.wait()
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _ignore_while_stopping(signum: int, frame: object) -> None:
-    logger.info("already stopping; please wait")
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL what is left of a child's process group: its own processes (granian's workers)
+    must not outlive it, holding its port. Each child leads a session, so the group is its own."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _serve(with_apps: bool) -> int:
@@ -643,8 +706,8 @@ def _serve(with_apps: bool) -> int:
 
     # Both stop everything. SIGINT is set explicitly: a shell starting us in the background
     # (`make run &` in a script) leaves it ignored, and then Ctrl-C/kill -INT would do nothing.
-    signal.signal(signal.SIGINT, _raise_interrupt)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _stop_request.handle)
+    signal.signal(signal.SIGTERM, _stop_request.handle)
     stack: Stack | None = None
     children: list[_Child] = []
     try:
@@ -681,7 +744,9 @@ def _serve(with_apps: bool) -> int:
 
         if with_apps:
             logger.info("applying migrations")
-            if subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=BASE_DIR, env=env).returncode:
+            migrate = subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=BASE_DIR, env=env)
+            _stop_request.check()  # before judging migrate: Ctrl-C reaches it too
+            if migrate.returncode:
                 logger.error("migrate failed; stopping")
                 return 1
             children = [
@@ -699,14 +764,13 @@ def _serve(with_apps: bool) -> int:
                 child.start(BASE_DIR, env)
         _print_summary(config, env_values, stack, data_dir, with_apps)
         return _supervise(children, BASE_DIR, env)
-    except KeyboardInterrupt:
-        return 0
+    except StopRequestedError:
+        return 0  # the handler said so; what started is stopped below
     except StackError as error:
         logger.error("%s", error)
         return 1
     finally:
-        signal.signal(signal.SIGINT, _ignore_while_stopping)
-        signal.signal(signal.SIGTERM, _ignore_while_stopping)
+        # Nothing here can be interrupted: further signals only say "already stopping".
         if children:
             logger.info("stopping the API, the worker, the dashboard and the job runner")
             _stop_children(children)

@@ -6,6 +6,7 @@ Run alone with ``.venv/bin/python -m pytest tests/test_stack.py -p no:django -q`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -229,3 +230,185 @@ def test_cli_servers_writes_stack_env_and_stops_everything_on_sigint(data_dir: P
     assert cli.returncode == 0, output
     assert_gone(pids)
     assert our_processes(data_dir) == []
+
+
+# --- signals: however many arrive, whenever they arrive, every server is stopped -----------------
+
+
+def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of `python -m ops.stack` on its own servers in ``data_dir`` (no *_URL)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "NATS_URL", "SECRET_KEY")}
+    return {**env, "BIRB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **extra}
+
+
+class Watched:
+    """`python -m ops.stack <command>` with its output in a file, and every process it ever ran:
+    servers recorded in stack.json, processes working in the data dir, its descendants."""
+
+    def __init__(self, command: str, data_dir: Path, log_path: Path, **env: str) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ops.stack", command],
+                cwd=BASE_DIR,
+                env=cli_env(data_dir, **env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.recorded: set[int] = set()  # stack.json's pids
+        # psutil.Process remembers its start time, so a PID reused later does not count as ours.
+        self.seen: dict[int, psutil.Process] = {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def look(self) -> None:
+        pids = set(our_processes(self.data_dir))
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            recorded = json.loads((self.data_dir / "stack.json").read_text()).get("pids", {}).values()
+            self.recorded.update(recorded)
+            pids.update(recorded)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            pids.update(child.pid for child in psutil.Process(self.proc.pid).children(recursive=True))
+        for pid in pids - set(self.seen):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.seen[pid] = psutil.Process(pid)
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            self.look()
+            assert self.proc.poll() is None, f"exited before {what}:\n{self.log()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.log()}"
+            time.sleep(0.01)
+        self.look()
+
+    def signals(self, count: int, gap: float = 0.03) -> None:
+        for n in range(count):
+            if self.proc.poll() is not None:
+                return
+            self.proc.send_signal(signal.SIGTERM)
+            self.look()
+            if n < count - 1:
+                time.sleep(gap)
+
+    def wait_exited(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            self.look()
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"the supervisor did not exit in {timeout:.0f} s:\n{self.log()}")
+            time.sleep(0.02)
+        return self.proc.returncode
+
+
+def assert_all_stopped(watched: Watched) -> None:
+    # A moment for init to reap what the supervisor left behind, then nothing of ours may run.
+    time.sleep(0.5)
+    alive = []
+    for proc in watched.seen.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{proc.pid} {' '.join(proc.cmdline())[:150]}")
+    assert not alive, "still running after the supervisor exited:\n" + "\n".join(alive) + "\n" + watched.log()
+    assert our_processes(watched.data_dir) == []
+
+
+def _server_ready(watched: Watched, name: str) -> Callable[[], bool]:
+    return lambda: f"{name} ready on" in watched.log()
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "first-server-starting",  # the burst lands while PostgreSQL is being created or started
+        "nats-starting",  # PostgreSQL and Redis run, NATS is starting
+        "serving",
+        "stopping",  # one SIGTERM, then more while the servers are being stopped
+    ],
+)
+def test_cli_servers_stop_everything_on_signals_in_quick_succession(
+    data_dir: Path, tmp_path: Path, moment: str
+) -> None:
+    # given `python -m ops.stack servers` at some moment of its life
+    watched = Watched("servers", data_dir, tmp_path / "stack.log")
+    try:
+        if moment == "first-server-starting":
+            watched.wait_until(lambda: bool(our_processes(data_dir)), "a server process in the data dir")
+        elif moment == "nats-starting":
+            watched.wait_until(_server_ready(watched, "redis"), "redis ready")
+        else:
+            watched.wait_until(lambda: (data_dir / "stack.env").exists(), "stack.env")
+        # when SIGTERM comes 3 times, 30 ms apart (make forwarding a signal it got twice, say)
+        if moment == "stopping":
+            watched.signals(1)
+            watched.wait_until(lambda: "stopped (pid" in watched.log(), "the first server stopped")
+            watched.signals(2)
+        else:
+            watched.signals(3)
+        code = watched.wait_exited()
+    finally:
+        if watched.proc.poll() is None:
+            watched.proc.kill()
+    # then the supervisor exited and every server it started (or was starting) is gone
+    assert watched.recorded or moment == "first-server-starting", watched.log()
+    assert_all_stopped(watched)
+    assert code == 0, watched.log()
+
+
+def test_cli_run_stops_everything_on_signals_in_quick_succession(data_dir: Path, tmp_path: Path) -> None:
+    # given `make run` serving: servers, the API, the worker, the dashboard and the job runner
+    ports = {"API_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port())}
+    watched = Watched("run", data_dir, tmp_path / "run.log", **ports)
+    try:
+        watched.wait_until(lambda: "Ctrl-C stops everything" in watched.log(), "the summary", timeout=90)
+        watched.wait_until(lambda: _answers(int(ports["API_PORT"])), "the API answering", timeout=30)
+        # when SIGTERM comes 3 times, 20 ms apart
+        watched.signals(3, gap=0.02)
+        code = watched.wait_exited(timeout=90)
+    finally:
+        if watched.proc.poll() is None:
+            watched.proc.kill()
+    # then everything it started is gone, the apps' processes included
+    assert_all_stopped(watched)
+    assert code == 0, watched.log()
+
+
+def test_a_child_deaf_to_sigterm_is_killed_with_its_own_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # given an app child that ignores SIGTERM, with a process of its own that ignores it too (as a
+    # granian worker that got SIGTERM while loading the app: it serves on, holding the port)
+    from ops.stack import _Child, _stop_children
+
+    monkeypatch.setattr("ops.stack.CHILD_STOP_TIMEOUT", 1.0)
+    code = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        "print(worker.pid, flush=True); time.sleep(120)"
+    )
+    child = _Child("api", [sys.executable, "-c", code])
+    child.proc = subprocess.Popen(child.argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert child.proc.stdout is not None
+    worker = psutil.Process(int(child.proc.stdout.readline()))
+    # when the supervisor stops its children
+    _stop_children([child])
+    # then both are gone
+    assert child.proc.returncode == -signal.SIGKILL
+    worker.wait(5)
+
+
+def _answers(port: int) -> bool:
+    try:
+        # No proxy: urllib would send a loopback request through $http_proxy if one is set.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{port}/", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
