@@ -47,7 +47,7 @@ from redis.exceptions import RedisError
 from persistence import redis_store
 from persistence.errors import KeyNotFoundError, ServiceUnavailableError, VersionMismatchError
 from persistence.keys import KEY_RULE, entry_key, is_valid_key
-from persistence.models import CacheEntry
+from persistence.models import CacheEntry, JSONText
 from persistence.redis_store import StoredEntry
 from persistence.rehydration import cache_entries_rehydrate
 from persistence.selectors import stored_entry_from_row
@@ -58,7 +58,7 @@ SCAN_LIMIT = 10_000
 SCAN_CHUNK = 500
 SCAN_VAR = "scan"
 ACTION_LIMIT = 10_000
-# An escaped U+0000 in orjson's output (PostgreSQL's jsonb cannot store it; the API refuses it too).
+# An escaped U+0000 in orjson's output: the API refuses it (cache_api.serializers), so does the console.
 _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
@@ -285,9 +285,19 @@ _MONO = {"style": "font-family: monospace; width: 90%;", "spellcheck": "false"}
 
 
 def _pretty(raw: bytes | str | None) -> str:
+    """JSON text indented for reading (numbers as the API writes them: 1e20 shows as 1e+20);
+    text orjson cannot encode again (nested deeper than 254 levels) is shown as it is."""
     if raw is None:
         return ""
-    return orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode()
+    try:
+        return orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode()
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _row_text(value: JSONText | None) -> bytes:
+    """A row's value or metadata as the JSON text PostgreSQL keeps."""
+    return value.text if isinstance(value, JSONText) else orjson.dumps(value)
 
 
 def _current(key: str, row: CacheEntry | None) -> StoredEntry | None:
@@ -373,6 +383,8 @@ def _json_field(raw: str, name: str, *, max_size: int | None) -> bytes:
         encoded = orjson.dumps(orjson.loads(raw))
     except orjson.JSONDecodeError as error:
         raise forms.ValidationError(f"{name} is not valid JSON: {error}") from None
+    except orjson.JSONEncodeError as error:
+        raise forms.ValidationError(f"{name} cannot be stored: {error}") from None
     if max_size is not None and len(encoded) > max_size:
         raise forms.ValidationError(f"{name} is {len(encoded)} bytes of JSON; the limit (MAX_VALUE_SIZE) is {max_size}")
     if _NUL.search(encoded):
@@ -539,9 +551,9 @@ class CacheEntryAdmin(admin.ModelAdmin):
             return None
         obj = CacheEntry(
             key=current.key,
-            value=orjson.loads(current.value_json),
+            value=JSONText(current.value_json),
             version=current.version,
-            metadata=orjson.loads(current.metadata_json),
+            metadata=JSONText(current.metadata_json),
             expires_at=datetime.fromtimestamp(current.expires_at_ms / 1000, tz=UTC) if current.expires_at_ms else None,
             created_at=datetime.fromisoformat(current.created_at),
             updated_at=datetime.fromisoformat(current.updated_at),
@@ -593,17 +605,13 @@ class CacheEntryAdmin(admin.ModelAdmin):
     @admin.display(description="value")
     def value_pretty(self, obj: CacheEntry) -> str:
         current = _current(obj.key, obj)
-        text = _pretty(current.value_json) if current else orjson.dumps(obj.value, option=orjson.OPT_INDENT_2).decode()
+        text = _pretty(current.value_json if current else _row_text(obj.value))
         return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', text)
 
     @admin.display(description="metadata")
     def metadata_pretty(self, obj: CacheEntry) -> str:
         current = _current(obj.key, obj)
-        text = (
-            _pretty(current.metadata_json)
-            if current
-            else orjson.dumps(obj.metadata, option=orjson.OPT_INDENT_2).decode()
-        )
+        text = _pretty(current.metadata_json if current else _row_text(obj.metadata))
         return format_html('<pre style="white-space: pre-wrap; margin: 0">{}</pre>', text)
 
     # -- permissions: writing a key (new or not) is the same service call
@@ -764,6 +772,11 @@ class CacheEntryAdmin(admin.ModelAdmin):
         if result.missing:
             parts.append(f"{result.missing} not loaded: deleted or expired")
         self.message_user(request, "; ".join(parts) + ".", messages.SUCCESS)
+        if result.failed:
+            failed = [f"{failure.key} ({failure.reason})" for failure in result.failures]
+            self.message_user(
+                request, f"{result.failed} could not be loaded into Redis: {_listing(failed)}", messages.ERROR
+            )
 
     @admin.action(description="Evict selected from Redis (PostgreSQL keeps them)", permissions=["evict"])
     def evict_selected(self, request: HttpRequest, queryset: QuerySet[CacheEntry]) -> None:

@@ -181,7 +181,7 @@ class _ProgressWriter:
             return
         self.last_write = now
         written = RehydrationJob.objects.filter(pk=self.job.pk, status=RehydrationJob.RUNNING).update(
-            done=result.loaded + result.skipped_present, loaded=result.loaded, skipped=result.skipped_present
+            done=result.done, loaded=result.loaded, skipped=result.skipped_present
         )
         if not written:
             raise JobStoppedError("cancelled")
@@ -196,38 +196,60 @@ def _run(job: RehydrationJob, *, stop: threading.Event | None, heartbeat: Callab
     total = 0
 
     def report(running: RehydrationResult) -> None:
-        result.loaded, result.skipped_present = running.loaded, running.skipped_present
+        nonlocal result
+        result = running
         writer(running)
 
     error = ""
+    went_through = False
     try:
         total = count_live(prefix=prefix)
         RehydrationJob.objects.filter(pk=job.pk).update(total=total)
         logger.info("rehydration job %d running: %d live entries (%s)", job.pk, total, job)
-        cache_entries_rehydrate(prefix=prefix, force=job.force, report=report)
+        result = cache_entries_rehydrate(prefix=prefix, force=job.force, report=report)
+        # It went through; rows that could not be loaded make it a failure that lists them.
+        error = failed_rows_message(result) if result.failed else ""
+        went_through = True
     except JobStoppedError as stopped:
         error = str(stopped)
     except Exception as failure:  # whatever it was, the job row must say so and stop being active
         error = f"{type(failure).__name__}: {failure}".strip()
         logger.exception("rehydration job %d failed: %s", job.pk, error, extra={"error": error})
     status = RehydrationJob.FAILED if error else RehydrationJob.DONE
-    counts = {
-        "done": result.loaded + result.skipped_present,
-        "loaded": result.loaded,
-        "skipped": result.skipped_present,
-    }
+    counts = {"done": result.done, "loaded": result.loaded, "skipped": result.skipped_present}
     finished = RehydrationJob.objects.filter(pk=job.pk, status=RehydrationJob.RUNNING).update(
         **counts, status=status, error=error, active=None, finished_at=timezone.now()
     )
     if not finished:  # cancelled meanwhile: keep its status and reason, record how far it got
         RehydrationJob.objects.filter(pk=job.pk).update(**counts)
         logger.warning("rehydration job %d stopped after %d entries: cancelled", job.pk, counts["done"])
+    elif error and went_through:
+        logger.warning(
+            "rehydration job %d finished: %d loaded, %d already in Redis, %s",
+            job.pk,
+            result.loaded,
+            result.skipped_present,
+            error,
+        )
     elif error:
         logger.warning("rehydration job %d stopped after %d of %d entries: %s", job.pk, counts["done"], total, error)
     else:
         logger.info(
             "rehydration job %d done: %d loaded, %d already in Redis", job.pk, result.loaded, result.skipped_present
         )
+
+
+FAILURES_LISTED = 20  # in the job row; the runner's log has every one
+
+
+def failed_rows_message(result: RehydrationResult) -> str:
+    """The job's error when rows could not be loaded (the others were): how many, which, why."""
+    listed = "; ".join(f"{failure.key} ({failure.reason})" for failure in result.failures[:FAILURES_LISTED])
+    more = ""
+    if result.failed > FAILURES_LISTED:
+        more = f"; and {result.failed - FAILURES_LISTED} more (see the job runner's log)"
+    entries = "entry" if result.failed == 1 else "entries"
+    return f"{result.failed} {entries} could not be loaded into Redis (the others were): {listed}{more}"
 
 
 def run_pending_jobs(

@@ -71,6 +71,38 @@ def _timestamp(raw: Any, field: str) -> datetime:
         raise PoisonMessageError("invalid_field", f"{field} is not a timestamp: {raw!r}") from None
 
 
+def _encoded(value: Any, field: str) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as error:  # e.g. nested deeper than orjson encodes
+        raise PoisonMessageError("invalid_field", f"{field} cannot be encoded again: {error}") from None
+
+
+def _value_text(payload: bytes, body: dict[str, Any], metadata_json: bytes) -> str:
+    """The value's JSON text exactly as the message carries it: never decoded and re-encoded.
+
+    A message as :func:`encode` writes it has a fixed layout, and everything around the value is
+    rebuilt from the decoded fields byte for byte (orjson writes its own output again unchanged):
+    ``{"op":…,"key":…,"version":…,"value":`` before it, ``,"metadata":…,"expires_at":…,
+    "created_at":…,"updated_at":…}`` after it. What lies between is the value. A message in
+    another layout (written by hand, say) gets the value's compact orjson encoding: the text the
+    API would have written for it.
+    """
+    head = orjson.dumps({"op": body["op"], "key": body["key"], "version": body["version"]})[:-1] + b',"value":'
+    after = orjson.dumps(
+        {
+            "metadata": orjson.Fragment(metadata_json),
+            "expires_at": body.get("expires_at"),
+            "created_at": body.get("created_at"),
+            "updated_at": body.get("updated_at"),
+        }
+    )
+    tail = b"," + after[1:]
+    if len(payload) > len(head) + len(tail) and payload.startswith(head) and payload.endswith(tail):
+        return payload[len(head) : len(payload) - len(tail)].decode()
+    return _encoded(body["value"], "value").decode()
+
+
 def decode(payload: bytes) -> PersistWrite:
     try:
         body = orjson.loads(payload)
@@ -97,24 +129,21 @@ def decode(payload: bytes) -> PersistWrite:
             expires_at = datetime.fromtimestamp(expires / 1000, tz=UTC)
         except (OverflowError, ValueError, OSError):
             raise PoisonMessageError("invalid_field", f"expires_at {expires!r} is out of range") from None
-    if op == OP_SET:
-        if "value" not in body:
-            raise PoisonMessageError("invalid_field", "a set has no value")
-        value_json: str | None = orjson.dumps(body["value"]).decode()
-    else:
-        value_json = None
+    if op == OP_SET and "value" not in body:
+        raise PoisonMessageError("invalid_field", "a set has no value")
     metadata = body.get("metadata")
     created_raw = body.get("created_at")
     created_at = _timestamp(created_raw, "created_at")
     updated_raw = body.get("updated_at")
     # The API stamps both with the same moment: parse it once.
     updated_at = created_at if updated_raw == created_raw else _timestamp(updated_raw, "updated_at")
+    metadata_json = _encoded(metadata, "metadata") if isinstance(metadata, dict) and metadata else b"{}"
     return PersistWrite(
         op=op,
         key=key,
         version=version,
-        value_json=value_json,
-        metadata_json=orjson.dumps(metadata).decode() if isinstance(metadata, dict) and metadata else "{}",
+        value_json=_value_text(payload, body, metadata_json) if op == OP_SET else None,
+        metadata_json=metadata_json.decode(),
         expires_at=expires_at,
         created_at=created_at,
         updated_at=updated_at,

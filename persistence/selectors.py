@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import NamedTuple
 
 import orjson
 import psycopg
@@ -12,7 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from persistence.messages import isoformat
-from persistence.models import CacheEntry
+from persistence.models import CacheEntry, JSONText
 from persistence.redis_store import StoredEntry
 
 
@@ -22,12 +23,22 @@ def live_entries() -> QuerySet[CacheEntry]:  # noqa: F821 - string annotation fo
     return CacheEntry.objects.filter(deleted=False).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
 
 
+def _json_text(value: JSONText | None, default: bytes) -> bytes:
+    """The stored JSON text as it is (a NULL, which the worker never writes, as ``default``)."""
+    if value is None:
+        return default
+    if isinstance(value, JSONText):
+        return value.text
+    return orjson.dumps(value)  # set in Python on an unsaved row (the console's Redis-only copy)
+
+
 def stored_entry_from_row(row: CacheEntry) -> StoredEntry:
+    """The entry of a row, its value and metadata the text PostgreSQL keeps, not re-encoded."""
     return StoredEntry(
         key=row.key,
         version=row.version,
-        value_json=orjson.dumps(row.value),
-        metadata_json=orjson.dumps(row.metadata or {}),
+        value_json=_json_text(row.value, b"null"),
+        metadata_json=_json_text(row.metadata, b"{}"),
         created_at=isoformat(row.created_at),
         updated_at=isoformat(row.updated_at),
         expires_at_ms=int(row.expires_at.timestamp() * 1000) if row.expires_at else None,
@@ -45,11 +56,21 @@ class _VersionConnection(threading.local):
 
 _version_connection = _VersionConnection()
 _version_connections: weakref.WeakSet[psycopg.Connection] = weakref.WeakSet()
-_VERSION_SQL = "SELECT version FROM {table} WHERE key = %s"
+# The highest version, and whether the row is live (what live_entries() selects), in one query.
+_VERSION_SQL = "SELECT version, NOT deleted AND (expires_at IS NULL OR expires_at > now()) FROM {table} WHERE key = %s"
 
 
-def cache_entry_version_in_db(*, key: str) -> int:
-    """Highest version PostgreSQL knows for the key, deleted or expired rows included (0 = none).
+class VersionInDb(NamedTuple):
+    """What PostgreSQL knows of a key: its highest version (0 = no row) and whether that row is
+    live (not deleted, not expired)."""
+
+    version: int
+    live: bool
+
+
+def cache_entry_version_in_db(*, key: str) -> VersionInDb:
+    """Highest version PostgreSQL knows for the key, deleted or expired rows included (0 = none),
+    and whether the row is live.
 
     This runs for the first write of every key, so it skips the ORM and the pool: each thread
     keeps one autocommit connection (the settings of ``DATABASES["default"]``) for this one
@@ -68,7 +89,7 @@ def cache_entry_version_in_db(*, key: str) -> int:
                 conn = _version_connection.connection = psycopg.connect(**params, autocommit=True)
                 _version_connections.add(conn)
             row = conn.execute(_VERSION_SQL.format(table=table), (key,), prepare=True).fetchone()
-            return int(row[0]) if row else 0
+            return VersionInDb(int(row[0]), bool(row[1])) if row else VersionInDb(0, False)
         except psycopg.Error as error:
             if conn is not None:
                 conn.close()

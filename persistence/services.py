@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import pybreaker
 from django.conf import settings
@@ -121,7 +121,15 @@ class _BacklogState:
 _backlog = _BacklogState()
 
 
-def _version_floor(key: str, *, counters_complete: bool) -> int:
+class _Floor(NamedTuple):
+    """Where a missing counter starts, and whether PostgreSQL's row at that version is live:
+    None when that is not known (the floor is the clock: PostgreSQL may lack writes in flight)."""
+
+    version: int
+    live: bool | None
+
+
+def _version_floor(key: str, *, counters_complete: bool) -> _Floor:
     """The version a missing counter starts from.
 
     Normally what PostgreSQL knows for the key. But after Redis lost its data (no
@@ -143,35 +151,74 @@ def _version_floor(key: str, *, counters_complete: bool) -> int:
         else:
             floor = int(time.time() * 1000)
             logger.warning("version of %s seeded from the clock (%d): the persist backlog has not drained", key, floor)
-            return max(floor, _db_version_or_zero(key))
+            return _Floor(max(floor, _db_version_or_zero(key)), None)
     try:
-        return int(_db_call(selectors.cache_entry_version_in_db, key=key))
+        found = _db_call(selectors.cache_entry_version_in_db, key=key)
     except ServiceUnavailableError as error:
         floor = int(time.time() * 1000)
         logger.warning("version of %s seeded from the clock (%d): %s", key, floor, error.message)
-        return floor
+        return _Floor(floor, None)
+    return _Floor(found.version, found.live)
 
 
 def _db_version_or_zero(key: str) -> int:
     try:
-        return int(_db_call(selectors.cache_entry_version_in_db, key=key))
+        return int(_db_call(selectors.cache_entry_version_in_db, key=key).version)
     except ServiceUnavailableError:
         return 0
 
 
-def _next_version(key: str, *, if_match: int | None) -> int:
+class _Assigned(NamedTuple):
+    """A write's version, and whether it replaces a live entry Redis did not have (see
+    :func:`_replaces_live_row`): True / False when the seed already asked PostgreSQL, None when
+    Redis had the counter and PostgreSQL was not asked."""
+
+    version: int
+    replaces_live_row: bool | None
+
+
+def _assign_version(key: str, *, if_match: int | None) -> _Assigned:
     """Step 1 of a write. Seeds the counter the first time Redis lacks it (see _version_floor)."""
     counter_ttl = _retention_ms()
     try:
         try:
-            return redis_store.assign_version(key, floor=None, if_match=if_match, counter_ttl_ms=counter_ttl)
+            version = redis_store.assign_version(key, floor=None, if_match=if_match, counter_ttl_ms=counter_ttl)
+            return _Assigned(version, None)
         except redis_store.SeedNeededError as seed:
             floor = _version_floor(key, counters_complete=seed.counters_complete)
-            return redis_store.assign_version(key, floor=floor, if_match=if_match, counter_ttl_ms=counter_ttl)
+            version = redis_store.assign_version(
+                key, floor=floor.version, if_match=if_match, counter_ttl_ms=counter_ttl
+            )
+            # PostgreSQL's row decides only if it is the version just before this one: another
+            # writer may have seeded the counter meanwhile, and its write (a delete?) came between.
+            # Without an answer (clock floor), Redis's answer stands.
+            return _Assigned(version, bool(floor.live) and version == floor.version + 1)
     except redis_store.VersionConflictError as conflict:
         raise VersionMismatchError(key, expected=if_match or 0, current=conflict.current) from None
     except RedisError as error:
         raise _redis_unavailable(error) from error
+
+
+def _next_version(key: str, *, if_match: int | None) -> int:
+    """Step 1 of a write: its version (see :func:`_assign_version`)."""
+    return _assign_version(key, if_match=if_match).version
+
+
+def _replaces_live_row(key: str, assigned: _Assigned) -> bool:
+    """Whether a write Redis took as creating the key replaces an entry PostgreSQL holds live.
+
+    Redis lacks the entry after it lost its data (the seed then asked PostgreSQL already) or
+    when its copy was evicted while the counter stayed: then PostgreSQL is asked once, here. Its
+    row counts only at the version just before this write; an older row means writes the worker
+    has not persisted yet (a delete, say) came between, and Redis's answer stands.
+    """
+    if assigned.replaces_live_row is not None:
+        return assigned.replaces_live_row
+    try:
+        found = _db_call(selectors.cache_entry_version_in_db, key=key)
+    except ServiceUnavailableError:
+        return False
+    return found.live and found.version == assigned.version - 1
 
 
 def _make_durable(write: PersistWrite) -> None:
@@ -252,7 +299,8 @@ def cache_entry_set(
     stamp = isoformat(now)
     expires_at_ms = int(now.timestamp() * 1000) + ttl * 1000 if ttl > 0 else None
     check_message_fits(key=key, value_json=value_json, metadata_json=metadata_json)
-    version = _next_version(key, if_match=if_match)
+    assigned = _assign_version(key, if_match=if_match)
+    version = assigned.version
     _make_durable(
         PersistWrite(
             op=OP_SET,
@@ -283,7 +331,8 @@ def cache_entry_set(
         return WriteResult(entry=entry, created=True)
     if created_at != stamp:
         entry = StoredEntry(**{**entry.__dict__, "created_at": created_at})
-    return WriteResult(entry=entry, created=created)
+    # Redis took it as new; PostgreSQL may still hold the key live (Redis lost it): 200, not 201.
+    return WriteResult(entry=entry, created=created and not _replaces_live_row(key, assigned))
 
 
 def cache_entry_delete(*, key: str) -> int:

@@ -276,6 +276,22 @@ def test_detail_pretty_prints_and_shows_both_copies(operator: Client, worker: An
     assert "version 1, TTL" in html and "live" in html
 
 
+def test_a_value_only_postgresql_has_shows_and_edits_with_its_numbers(operator: Client, viewer: Client) -> None:
+    # given a row holding numbers beyond 64-bit integers, and no Redis copy
+    key = unique_key("numbers")
+    insert_rows(f"{key}:", 1, value='\'{"n":1180591620717411303424,"z":-0.0,"e":1e20}\'::json')
+    key = f"{key}:0000001"
+    assert in_redis(key) is None
+    # then the detail page shows them (as the API writes numbers), to a viewer and in the edit form
+    shown = viewer.get(f"{ENTRIES}{key}/change/")
+    assert shown.status_code == 200
+    html = shown.content.decode()
+    assert "1.1805916207174113e+21" in html and "-0.0" in html and "1e+20" in html
+    form = operator.get(f"{ENTRIES}{key}/change/").context["adminform"].form
+    assert orjson.loads(form.initial["value_json"]) == {"n": 2**70, "z": -0.0, "e": 1e20}
+    assert form.initial["if_match"] == 1
+
+
 def test_edit_goes_through_the_write_path(operator: Client, worker: Any) -> None:
     # given a persisted key
     key = unique_key("edit")
@@ -539,6 +555,25 @@ def test_rehydrate_by_prefix_loads_only_that_prefix(operator: Client, flush_redi
     [job] = jobs.run_pending_jobs()
     assert (job.prefix, job.total, job.loaded) == ("tenant-a:", 20, 20)
     assert in_redis("tenant-a:0000020") and not in_redis("tenant-b:0000001")
+
+
+def test_a_job_loads_every_row_it_can_and_lists_those_it_cannot(operator: Client, flush_redis: Any) -> None:
+    # given good rows, and rows an operator inserted by hand that cannot be loaded
+    insert_rows("jobok:", 5)
+    insert_rows("jobbad key ", 1)
+    insert_rows("jobforever:", 1, expires_at="'infinity'")
+    flush_redis()
+    operator.post(JOBS + "start/", {"scope": "all"})
+    # when the runner runs the job
+    [job] = jobs.run_pending_jobs()
+    # then the good rows are in Redis, and the job failed naming each bad row and why
+    assert in_redis("jobok:0000001") and in_redis("jobok:0000005")
+    assert job.status == RehydrationJob.FAILED and job.active is None
+    assert (job.total, job.done, job.loaded, job.skipped) == (7, 7, 5, 0)
+    assert job.error.startswith("2 entries could not be loaded into Redis (the others were): ")
+    assert "jobbad key 0000001 (not a valid key" in job.error
+    assert "jobforever:0000001 (DataError: timestamp too large" in job.error
+    assert "2 entries could not be loaded" in operator.get(f"{JOBS}{job.pk}/change/").content.decode()
 
 
 def test_a_job_can_be_cancelled_and_a_viewer_cannot_start_one(operator: Client, viewer: Client) -> None:

@@ -67,3 +67,51 @@ def test_a_message_that_can_never_be_written_is_poison(payload: bytes, reason: s
         decode(payload)
     assert caught.value.reason == reason
     assert detail in caught.value.detail
+
+
+def _canonical(value: bytes, metadata: bytes = b'{"m":1}') -> bytes:
+    """A message in the layout ``encode`` writes, with the value's and metadata's text as given."""
+    return (
+        b'{"op":"set","key":"k","version":2,"value":' + value + b',"metadata":' + metadata + b',"expires_at":null,'
+        b'"created_at":"2026-11-30T01:02:03.456789Z","updated_at":"2026-11-30T01:02:03.456789Z"}'
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"1e20",
+        b"1180591620717411303424",
+        b"-0.0",
+        b"1e19",
+        b"1.5e300",
+        b'{"b":1,"a":2}',
+        b'{"z":[1e20,-0.0],"metadata":{"m":1},"s":",\\"metadata\\":{}"}',
+        b"[" * 300 + b"]" * 300,  # deeper than orjson encodes (254 levels), not deeper than it decodes
+    ],
+    ids=["1e20", "2**70", "-0.0", "1e19", "1.5e300", "key-order", "look-alike", "depth-300"],
+)
+def test_the_value_is_kept_as_the_text_the_message_carries(value: bytes) -> None:
+    write = decode(_canonical(value))
+    assert write.value_json == value.decode()
+    assert write.metadata_json == '{"m":1}'
+    assert encode(write) == _canonical(value), "re-encoding gives the same message"
+
+
+def test_a_message_in_another_layout_gets_the_compact_encoding_of_its_value() -> None:
+    # written by hand: other order, spaces; the value is stored as the API would have written it
+    payload = (
+        b'{"version": 2, "op": "set", "key": "k", "value": {"b": 1e20, "a": -0.0}, "metadata": {},'
+        b' "created_at": "2026-11-30T01:02:03Z", "updated_at": "2026-11-30T01:02:03Z", "expires_at": null}'
+    )
+    assert decode(payload).value_json == '{"b":1e+20,"a":-0.0}'
+
+
+def test_a_value_in_another_layout_that_cannot_be_encoded_again_is_poison() -> None:
+    deep = b"[" * 300 + b"]" * 300
+    stamps = b'"created_at": "2026-11-30T01:02:03Z", "updated_at": "2026-11-30T01:02:03Z"'
+    payload = b'{"op": "set", "key": "k", "version": 2, "value": ' + deep + b", " + stamps + b"}"
+    with pytest.raises(PoisonMessageError) as caught:
+        decode(payload)
+    assert caught.value.reason == "invalid_field"
+    assert "value cannot be encoded again" in caught.value.detail

@@ -1,10 +1,16 @@
-"""`manage.py rehydrate KEY… | --all [--force]`: load entries from PostgreSQL into Redis."""
+"""`manage.py rehydrate KEY… | --all [--force]`: load entries from PostgreSQL into Redis.
+
+Rows that cannot be loaded are listed with the reason after the others are loaded, and the
+command then exits with code 1.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError
+from redis.exceptions import RedisError
 from tqdm import tqdm
 
 from persistence.keys import is_valid_key
@@ -30,10 +36,31 @@ class Command(BaseCommand):
         selection = None if options["all"] else keys
         total = count_live(selection)
         with tqdm(total=total, unit="entries", disable=options["no_progress"], file=self.stderr._out) as bar:
-            result = cache_entries_rehydrate(keys=selection, force=options["force"], progress=bar.update)
+            try:
+                result = cache_entries_rehydrate(keys=selection, force=options["force"], progress=bar.update)
+            except RedisError as error:  # not one row: nothing more can be loaded
+                raise CommandError(
+                    f"stopped after {bar.n} of {total} entries: Redis did not answer ({error})"
+                ) from error
+            except DatabaseError as error:
+                raise CommandError(
+                    f"stopped after {bar.n} of {total} entries: PostgreSQL did not answer ({str(error).strip()})"
+                ) from error
         summary = f"rehydrated {result.loaded} entries"
         if result.skipped_present:
             summary += f", {result.skipped_present} already in Redis at the same or a newer version"
         if result.missing:
             summary += f", {result.missing} not found in PostgreSQL (absent, deleted or expired)"
+        if result.failed:
+            summary += f", {result.failed} could not be loaded:"
         self.stdout.write(summary)
+        if not result.failed:
+            return
+        for failure in result.failures:
+            key = failure.key if failure.key.isprintable() else repr(failure.key)
+            self.stdout.write(f"  {key}: {failure.reason}")
+        if result.failed > len(result.failures):
+            self.stdout.write(f"  … and {result.failed - len(result.failures)} more (each is in the log)")
+        # Exit code 1, after the rest was loaded: a script or an operator sees it was not all.
+        entries = "entry" if result.failed == 1 else "entries"
+        raise CommandError(f"{result.failed} {entries} could not be loaded into Redis (listed above); the rest were")
