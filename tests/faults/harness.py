@@ -543,3 +543,131 @@ class PoisonTrigger:
 
     def __exit__(self, *exc: object) -> None:
         self.drop()
+
+
+# --- availability: every request counted, every acknowledged write read back ----------------------
+
+
+class KeyWriter:
+    """Threads that POST fresh keys (``<prefix>-<thread>-<n>``) as fast as the API answers, with
+    no pause after an error (what a client that retries at once sees). Every request is counted by
+    outcome; every acknowledged write (201) is remembered with its version and value."""
+
+    def __init__(self, base_url: str, *, threads: int = 8, timeout: float = 10.0) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self.prefix = f"a{uuid.uuid4().hex[:10]}"
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.statuses: Counter[int] = Counter()  # 0 = no answer
+        self.transport_errors: Counter[str] = Counter()
+        self.acknowledged: dict[str, tuple[int, Any]] = {}  # key -> (version, value)
+        self.crashed: list[BaseException] = []
+        self._threads = [
+            threading.Thread(target=self._thread_main, args=(n,), name=f"key-writer-{n}", daemon=True)
+            for n in range(threads)
+        ]
+
+    def __enter__(self) -> KeyWriter:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout + 10)
+        alive = [t.name for t in self._threads if t.is_alive()]
+        assert not alive, f"writer threads did not stop: {alive}"
+
+    def _thread_main(self, n: int) -> None:
+        try:
+            self._run(n)
+        except BaseException as error:  # a harness bug must fail the test, not vanish in a thread
+            with self.lock:
+                self.crashed.append(error)
+            raise
+
+    def _run(self, n: int) -> None:
+        i = 0
+        with httpx.Client(timeout=self.timeout) as http:
+            while not self.stop.is_set():
+                i += 1
+                key, value = f"{self.prefix}-{n}-{i}", {"t": n, "i": i}
+                try:
+                    response = http.post(f"{self.base_url}/v1/cache/{key}", json={"value": value})
+                except httpx.HTTPError as error:
+                    with self.lock:
+                        self.statuses[0] += 1
+                        self.transport_errors[type(error).__name__] += 1
+                    continue
+                with self.lock:
+                    self.statuses[response.status_code] += 1
+                    if response.status_code == 201:
+                        self.acknowledged[key] = (int(response.json()["version"]), value)
+
+    @property
+    def requests(self) -> int:
+        with self.lock:
+            return sum(self.statuses.values())
+
+    @property
+    def errors(self) -> int:
+        """Requests without an answer (refused, reset, timed out) plus 5xx answers."""
+        with self.lock:
+            return sum(count for status, count in self.statuses.items() if status == 0 or status >= 500)
+
+    def wait_requests(self, more: int, timeout: float = 30.0) -> None:
+        target = self.requests + more
+        deadline = time.monotonic() + timeout
+        while self.requests < target:
+            if self.crashed:
+                raise AssertionError(f"writer crashed: {self.crashed[0]!r}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {more} requests: {dict(self.statuses)}")
+            time.sleep(0.02)
+
+    def unreadable(self, base_url: str) -> list[str]:
+        """Acknowledged writes that the API does not read back as written (key: what it has)."""
+        with self.lock:
+            expected = dict(self.acknowledged)
+        keys, problems = sorted(expected), []
+        with httpx.Client(timeout=30) as http:
+            for start in range(0, len(keys), 100):
+                chunk = keys[start : start + 100]
+                response = http.post(f"{base_url}/v1/cache/batch/get", json={"keys": chunk})
+                assert response.status_code == 200, response.text[:300]
+                entries = response.json()["entries"]
+                for key in chunk:
+                    entry, (version, value) = entries.get(key), expected[key]
+                    if entry is None or entry["version"] != version or entry["value"] != value:
+                        problems.append(f"{key}: expected v{version} {value!r}, read {entry!r}")
+        return problems
+
+
+def granian_workers(main_pid: int) -> list[Any]:
+    """The worker processes of the granian main process ``main_pid`` (psutil.Process objects)."""
+    import psutil
+
+    try:
+        children = psutil.Process(main_pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    workers = []
+    for child in children:
+        try:
+            if "granian" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                workers.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
+
+
+def api_connections(proc: Any, port: int) -> int:
+    """Established connections ``proc`` has accepted on the API's ``port``."""
+    import psutil
+
+    try:
+        return sum(1 for c in proc.net_connections(kind="tcp") if c.status == "ESTABLISHED" and c.laddr.port == port)
+    except psutil.NoSuchProcess:
+        return 0
