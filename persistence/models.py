@@ -89,9 +89,10 @@ class JSONTextField(models.Field):
         # Sent as a json parameter ('…'::json), its bytes untouched.
         return None if text is None else Json(text, dumps=_as_is)
 
-    def value_to_string(self, obj: models.Model) -> str:
-        text = self.get_prep_value(self.value_from_object(obj))
-        return "null" if text is None else text.decode()
+    def value_to_string(self, obj: models.Model) -> Any:
+        # For dumpdata, as JSONField does: the decoded value, which loaddata stores re-encoded.
+        value = self.value_from_object(obj)
+        return value.load() if isinstance(value, JSONText) else value
 
 
 @JSONTextField.register_lookup
