@@ -130,6 +130,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_DEFAULT_TTL", "0", _int(0), "TTL in seconds for writes that give none (0 = no expiry)."),
     Setting("MAX_VALUE_SIZE", "1048576", _int(1), "Largest accepted value, in bytes of JSON."),
     Setting("MAX_BATCH_KEYS", "100", _int(1, 10000), "Most keys in one batch get."),
+    Setting(
+        "MAX_BATCH_RESPONSE_SIZE",
+        "8388608",
+        _int(1024),
+        "Largest batch-get answer, in bytes of JSON (over it: 413, ask for fewer keys).",
+    ),
+    Setting(
+        "REQUEST_BODY_TIMEOUT",
+        "10s",
+        parse_duration,
+        "How long a request body may take to arrive before the answer is 408 and the connection closed.",
+    ),
     Setting("PUBLISH_TIMEOUT", "5s", parse_duration, "How long a write waits for the JetStream PubAck before 503."),
     Setting("WORKER_BATCH_SIZE", "100", _int(1, 10000), "Most messages the worker writes in one transaction."),
     Setting("WORKER_BATCH_TIMEOUT", "1s", parse_duration, "How long the worker waits to fill a batch."),
@@ -186,6 +198,8 @@ class Config:
     redis_default_ttl: int
     max_value_size: int
     max_batch_keys: int
+    max_batch_response_size: int
+    request_body_timeout: float
     publish_timeout: float
     worker_batch_size: int
     worker_batch_timeout: float

@@ -11,6 +11,10 @@ Two Django handlers share one process, settings, URLconf and views:
   (BENCHMARKS.md, history).
 - everything else (admin, health, metrics, root) runs the full ``MIDDLEWARE`` and handler.
 
+Request bodies are read before either handler runs, on a deadline and into memory
+(``birbnest/request_body.py``): slow senders cannot hold the request threads, and chunked
+bodies are read too.
+
 After start-up the objects loaded so far are frozen out of the garbage collector's reach
 (``gc.freeze()``): a full collection no longer walks Django's ~90,000 long-lived objects.
 """
@@ -68,9 +72,16 @@ class DataPlaneHandler(WSGIHandler):
 def get_application() -> Any:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "birbnest.settings")
     django.setup(set_prefix=False)
+    from birbnest.request_body import body_reader, buffered
+
     full, data_plane = WSGIHandler(), DataPlaneHandler()
+    reader = body_reader()
 
     def application(environ: dict[str, Any], start_response: Any) -> Any:
+        # Bodies are read first, on a deadline (birbnest/request_body.py): a client that never
+        # sends its body gets 408 instead of holding a request thread.
+        if (refused := buffered(reader, environ, start_response)) is not None:
+            return refused
         if environ.get("PATH_INFO", "").startswith(DATA_PLANE_PREFIX):
             return data_plane(environ, start_response)
         return full(environ, start_response)

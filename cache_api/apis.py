@@ -88,7 +88,9 @@ class CacheEntryBatchGetApi(LeanApiView):
 
     def post(self, request: Request) -> HttpResponse:
         keys = parse_batch_keys(request.body, max_keys=settings.BIRB.max_batch_keys)
-        found, missing, hits = services.cache_entries_get_many(keys=keys)
+        found, missing, hits = services.cache_entries_get_many(
+            keys=keys, max_bytes=settings.BIRB.max_batch_response_size
+        )
         if hits:
             CACHE_HITS.inc(hits)
         misses = len(set(keys)) - hits

@@ -14,6 +14,7 @@ from django.http import HttpRequest, HttpResponse
 from rest_framework import exceptions as drf
 
 from persistence.errors import (
+    BatchTooLargeError,
     KeyNotFoundError,
     PayloadTooLargeError,
     ServiceUnavailableError,
@@ -71,6 +72,14 @@ def to_response(error: Exception) -> HttpResponse | None:
             f"the write (value, metadata and key) takes up to {error.size} bytes as a stream message; the "
             f"message broker accepts {error.limit}: send a smaller value or metadata",
             {"size": error.size, "max_message_size": error.limit},
+        )
+    if isinstance(error, BatchTooLargeError):
+        return error_response(
+            413,
+            "PAYLOAD_TOO_LARGE",
+            f"the entries asked for hold at least {error.size} bytes; a batch answer carries at most {error.limit} "
+            "(MAX_BATCH_RESPONSE_SIZE): ask for fewer keys at a time",
+            {"size_at_least": error.size, "max_batch_response_size": error.limit},
         )
     if isinstance(error, RequestDataTooBig):
         return error_response(413, "PAYLOAD_TOO_LARGE", "request body is too large", None)

@@ -37,3 +37,12 @@ class PayloadTooLargeError(Exception):
         self.size = size
         self.limit = limit
         super().__init__(f"write message of up to {size} bytes exceeds the {limit} bytes NATS accepts")
+
+
+class BatchTooLargeError(Exception):
+    """A batch read whose entries hold more than the answer may carry (``MAX_BATCH_RESPONSE_SIZE``)."""
+
+    def __init__(self, *, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"the entries hold at least {size} bytes; an answer may carry {limit}")

@@ -296,12 +296,68 @@ def read(key: str) -> StoredEntry | Tombstone | None:
     return entry_from_reply(key, round_trip(read_command(key))[0])
 
 
-def read_many(keys: list[str]) -> list[StoredEntry | Tombstone | None]:
-    """One round trip for all the keys."""
+class ReadTooLargeError(Exception):
+    """The entries asked for hold more than the caller allowed; nothing is returned."""
+
+    def __init__(self, *, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"the entries hold more than {limit} bytes (at least {size})")
+
+
+def read_many(keys: list[str], *, max_bytes: int | None = None) -> list[StoredEntry | Tombstone | None]:
+    """One round trip for all the keys.
+
+    With ``max_bytes``, the replies are read one at a time and counted (value and metadata
+    text); once they exceed it, :class:`ReadTooLargeError` is raised and the connection is
+    dropped with the rest of the replies unread, so a request never holds more than about
+    ``max_bytes`` of entries in memory.
+    """
     if not keys:
         return []
-    replies = round_trip(*(read_command(key) for key in keys))
+    if max_bytes is None:
+        replies = round_trip(*(read_command(key) for key in keys))
+    else:
+        replies = _read_bounded([read_command(key) for key in keys], max_bytes)
     return [entry_from_reply(key, reply) for key, reply in zip(keys, replies, strict=True)]
+
+
+def _read_bounded(commands: list[tuple[Any, ...]], max_bytes: int) -> list[Any]:
+    connection = _pinned_connection()
+    _send_only(connection, connection.pack_commands(commands))
+    replies: list[Any] = []
+    size = 0
+    try:
+        for _ in commands:
+            try:
+                reply = connection.read_response()
+            except ResponseError as error:
+                reply = error
+            size += _reply_size(reply)
+            if size > max_bytes:
+                raise ReadTooLargeError(size=size, limit=max_bytes)
+            replies.append(reply)
+    except BaseException:
+        connection.disconnect()  # replies left unread: the connection is out of step
+        raise
+    return replies
+
+
+def _send_only(connection: AbstractConnection, packed: Any) -> None:
+    try:
+        connection.send_packed_command(packed)
+    except (ConnectionError, TimeoutError):
+        connection.disconnect()  # Redis restarted or the socket died: reconnect, send once more
+        connection.send_packed_command(packed)
+
+
+def _reply_size(reply: Any) -> int:
+    """Bytes of text in an ``HGETALL`` reply (RESP2 list or RESP3 map)."""
+    if isinstance(reply, dict):
+        return sum(len(field) + len(value) for field, value in reply.items())
+    if isinstance(reply, list):
+        return sum(len(item) for item in reply)
+    return 0
 
 
 def _entry_from_hash(key: str, fields: dict[bytes, bytes]) -> StoredEntry:

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from persistence import jetstream, redis_store, selectors
 from persistence.errors import (
+    BatchTooLargeError,
     KeyNotFoundError,
     PayloadTooLargeError,
     ServiceUnavailableError,
@@ -417,25 +418,37 @@ def cache_entry_get_counted(*, key: str) -> tuple[StoredEntry | None, bool]:
     return _get(key)
 
 
-def cache_entries_get_many(*, keys: list[str]) -> tuple[dict[str, StoredEntry], list[str], int]:
-    """(found entries, missing keys, Redis hits) for a batch; misses read through one by one."""
+def cache_entries_get_many(
+    *, keys: list[str], max_bytes: int | None = None
+) -> tuple[dict[str, StoredEntry], list[str], int]:
+    """(found entries, missing keys, Redis hits) for a batch; misses read through one by one.
+
+    With ``max_bytes``, :class:`BatchTooLargeError` is raised as soon as the entries found hold
+    more value and metadata text than that: the answer is refused, not truncated, and never
+    more than about ``max_bytes`` is held to find out.
+    """
     unique = list(dict.fromkeys(keys))
     try:
-        cached = redis_store.read_many(unique)
+        cached = redis_store.read_many(unique, max_bytes=max_bytes)
+    except redis_store.ReadTooLargeError as error:
+        raise BatchTooLargeError(size=error.size, limit=error.limit) from None
     except RedisError as error:
         logger.warning("Redis batch read failed, reading PostgreSQL: %s", error)
         cached = [None] * len(unique)
     found: dict[str, StoredEntry] = {}
     missing: list[str] = []
     hits = 0
+    size = 0
     for key, item in zip(unique, cached, strict=True):
         if isinstance(item, StoredEntry):
             found[key] = item
             hits += 1
-            continue
-        entry = None if item is TOMBSTONE else _misses.do(key, lambda key=key: _load_from_db(key))
-        if entry is None:
-            missing.append(key)
-        else:
+        elif item is not TOMBSTONE and (entry := _misses.do(key, lambda key=key: _load_from_db(key))) is not None:
             found[key] = entry
+        else:
+            missing.append(key)
+            continue
+        size += len(found[key].value_json) + len(found[key].metadata_json)
+        if max_bytes is not None and size > max_bytes:
+            raise BatchTooLargeError(size=size, limit=max_bytes)
     return found, missing, hits
