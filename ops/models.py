@@ -34,7 +34,7 @@ class RateLimitSettings(models.Model):
 
 
 class RateLimitClient(models.Model):
-    """A client (API key, else IP address) with its own limit, or blocked."""
+    """A client (its IP address) with its own limit, or blocked."""
 
     client = models.CharField(max_length=255, unique=True, help_text="API key or client IP address")
     limit = models.PositiveIntegerField(null=True, blank=True, help_text="overrides the default limit")

@@ -1,7 +1,8 @@
 """Rate limiting of the data plane (`/v1/`): per client, counted in Redis, applied by every API process.
 
-- **Who is a client**: the API key (``X-API-Key``, or ``Authorization: Bearer <key>``), else
-  ``REMOTE_ADDR``. ``X-Forwarded-For`` is not trusted. ``/health``, ``/metrics`` and ``/admin/``
+- **Who is a client**: ``REMOTE_ADDR``, whatever the request's headers say: ``X-API-Key``,
+  ``Authorization`` and ``X-Forwarded-For`` are not trusted (a key becomes an identity once the
+  service verifies keys). ``/health``, ``/metrics`` and ``/admin/``
   are never limited.
 - **Settings**: the ``RateLimitSettings`` row and the ``RateLimitClient`` rules in PostgreSQL are
   the source of truth. Every change (services below, the admin, any ``save()``/``delete()``
@@ -518,17 +519,13 @@ def _entry_read_by(request: HttpRequest) -> str | None:
 
 
 def client_identity(request: HttpRequest) -> str:
-    """The API key (``X-API-Key``, else ``Authorization: Bearer``), else the peer's address."""
-    meta = request.META
-    key = meta.get("HTTP_X_API_KEY", "").strip()
-    if key:
-        return key
-    authorization = meta.get("HTTP_AUTHORIZATION", "")
-    if authorization[:7].lower() == "bearer ":
-        key = authorization[7:].strip()
-        if key:
-            return key
-    return meta.get("REMOTE_ADDR") or "unknown"
+    """Who is counted: the peer's address.
+
+    A key the client sends (``X-API-Key``, ``Authorization``) is not an identity until the
+    service has verified it: counted by whatever the header said, a client escaped its limit
+    and an operator's block by sending a new made-up key with every request.
+    """
+    return request.META.get("REMOTE_ADDR") or "unknown"
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """Rate limiting on real servers: the limiter, `GET|POST /admin/ratelimit`, the admin pages.
 
-Data-plane requests use a fresh API key each (``X-API-Key``), so tests never share counters;
-requests to a missing key answer 404 when they are let through.
+The limiter counts by the client's address (a key the client sends is not an identity until the
+service has verified it), so data-plane requests come from a fresh loopback address each: the
+Django test client sets ``REMOTE_ADDR``, httpx binds its connections to the address. Tests never
+share counters; requests to a missing key answer 404 when they are let through.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter
@@ -82,9 +85,21 @@ def _enable(client: Client, token: str, **settings: Any) -> dict[str, Any]:
     return body
 
 
-def _get(client: Client, api_key: str | None = None, path: str | None = None) -> Any:
-    extra = {"HTTP_X_API_KEY": api_key} if api_key else {}
+def fresh_address() -> str:
+    """A loopback address of its own (all of 127.0.0.0/8 reaches this host): a client of its own."""
+    number = random.randrange(1, 256**3 - 1)
+    return "127." + ".".join(str(number >> shift & 255 or 1) for shift in (16, 8, 0))
+
+
+def _get(client: Client, address: str | None = None, path: str | None = None) -> Any:
+    extra = {"REMOTE_ADDR": address} if address else {}
     return client.get(path or f"/v1/cache/{unique_key('absent')}", **extra)
+
+
+def _http_get(url: str, address: str, **kwargs: Any) -> httpx.Response:
+    """A GET to the real API over a connection from ``address``."""
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=10) as http:
+        return http.get(url, **kwargs)
 
 
 def _live_config(redis_client: Any) -> dict[str, Any] | None:
@@ -98,11 +113,9 @@ def _live_config(redis_client: Any) -> dict[str, Any] | None:
 def test_off_by_default_no_headers_and_never_429(client: Client, api, operator_token: str) -> None:
     body = client.get("/admin/ratelimit", HTTP_AUTHORIZATION=f"Token {operator_token}").json()
     assert body["enabled"] is False and body["overrides"] == {} and body["blocked"] == []
-    key = unique_key("apikey")
+    key = fresh_address()
     responses = [_get(client, key) for _ in range(30)] + [_get(client) for _ in range(30)]
-    responses += [
-        httpx.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers={"X-API-Key": key}) for _ in range(30)
-    ]
+    responses += [_http_get(f"{api.url}/v1/cache/{unique_key('absent')}", key) for _ in range(30)]
     assert {response.status_code for response in responses} == {404}
     assert not any(name in response.headers for response in responses for name in HEADERS)
 
@@ -117,7 +130,7 @@ def test_sixth_request_gets_429_with_the_contract_body_and_headers(
     body = _enable(client, operator_token, limit=5, window=60)
     assert (body["enabled"], body["limit"], body["window"], body["algorithm"]) == (True, 5, 60, "fixed")
     assert _live_config(redis_client)["limit"] == 5
-    key = unique_key("apikey")
+    key = fresh_address()
     # when one client makes 6 requests
     allowed = [_get(client, key) for _ in range(5)]
     limited = _get(client, key)
@@ -136,11 +149,11 @@ def test_sixth_request_gets_429_with_the_contract_body_and_headers(
     reset = int(limited["X-RateLimit-Reset"])
     assert 1 <= reset <= 60
     assert int(limited["Retry-After"]) == reset  # fixed window: free again when it resets
-    # another API key still passes; the same key as a Bearer token is the same client
-    other = _get(client, unique_key("apikey"))
+    # another client still passes; keys the same client makes up do not make it another one
+    other = _get(client, fresh_address())
     assert other.status_code == 404 and other["X-RateLimit-Remaining"] == "4"
-    bearer = client.get(f"/v1/cache/{unique_key('absent')}", HTTP_AUTHORIZATION=f"Bearer {key}")
-    assert bearer.status_code == 429
+    for headers in ({"HTTP_X_API_KEY": unique_key("made-up")}, {"HTTP_AUTHORIZATION": f"Bearer {unique_key()}"}):
+        assert client.get(f"/v1/cache/{unique_key('absent')}", REMOTE_ADDR=key, **headers).status_code == 429
     # and nothing outside /v1/ is limited, whoever asks
     for path in ("/health", "/metrics", "/"):
         response = _get(client, key, path)
@@ -270,10 +283,10 @@ def test_other_methods_are_405(client: Client, operator_token: str) -> None:
 
 
 def test_the_api_processes_apply_new_settings_within_a_second(api, operator_token: str) -> None:
-    key = unique_key("apikey")
+    key = fresh_address()
 
     def probe() -> int:  # a new connection each time, so both granian processes answer
-        return httpx.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers={"X-API-Key": key}).status_code
+        return _http_get(f"{api.url}/v1/cache/{unique_key('absent')}", key).status_code
 
     assert {probe() for _ in range(20)} == {404}  # both processes hold "disabled", freshly read
     clear_of_window_edge(60)
@@ -296,14 +309,14 @@ def test_concurrent_requests_are_counted_exactly(api, operator_token: str) -> No
     client = Client()
     _enable(client, operator_token, limit=20, window=60)
     time.sleep(REFRESH_SECONDS + 0.1)
-    key = unique_key("apikey")
+    key = fresh_address()
     start = threading.Barrier(50)
     responses: list[httpx.Response] = []
 
     def request() -> None:
-        with httpx.Client(timeout=10) as http:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=key), timeout=10) as http:
             start.wait()
-            responses.append(http.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers={"X-API-Key": key}))
+            responses.append(http.get(f"{api.url}/v1/cache/{unique_key('absent')}"))
 
     threads = [threading.Thread(target=request) for _ in range(50)]
     for thread in threads:
@@ -323,7 +336,7 @@ def test_a_per_client_override_saved_in_the_admin(
     admin_client: Client, client: Client, operator_token: str, redis_client: Any
 ) -> None:
     _enable(client, operator_token, limit=5)
-    special = unique_key("apikey")
+    special = fresh_address()
     response = admin_client.post(
         "/admin/ops/ratelimitclient/add/", {"client": special, "limit": "2", "note": "batch importer"}
     )
@@ -331,11 +344,11 @@ def test_a_per_client_override_saved_in_the_admin(
     assert _live_config(redis_client)["overrides"] == {special: 2}
     assert [_get(client, special).status_code for _ in range(3)] == [404, 404, 429]
     assert _get(client, special)["X-RateLimit-Limit"] == "2"
-    assert _get(client, unique_key("apikey"))["X-RateLimit-Limit"] == "5"
+    assert _get(client, fresh_address())["X-RateLimit-Limit"] == "5"
 
 
 def test_block_and_unblock_with_the_admin_actions(admin_client: Client, client: Client) -> None:
-    bad, good = unique_key("apikey"), unique_key("apikey")
+    bad, good = fresh_address(), fresh_address()
     rule = RateLimitClient.objects.create(client=bad, note="abuse")
     RateLimitClient.objects.create(client=good)
     # when an operator blocks one client (rate limiting itself is off)
@@ -360,7 +373,7 @@ def test_clear_counters_lets_a_limited_client_in_again(
     admin_client: Client, client: Client, operator_token: str
 ) -> None:
     _enable(client, operator_token, limit=2)
-    key = unique_key("apikey")
+    key = fresh_address()
     rule = RateLimitClient.objects.create(client=key)
     assert [_get(client, key).status_code for _ in range(3)] == [404, 404, 429]
     page = admin_client.get("/admin/ops/ratelimitclient/").content.decode()
@@ -404,11 +417,8 @@ def test_config_is_rebuilt_from_postgresql_when_redis_comes_back_empty(
     flush_redis()
     assert _live_config(redis_client) is None
     time.sleep(REFRESH_SECONDS + 0.1)
-    key = unique_key("apikey")
-    statuses = [
-        httpx.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers={"X-API-Key": key}).status_code
-        for _ in range(4)
-    ]
+    key = fresh_address()
+    statuses = [_http_get(f"{api.url}/v1/cache/{unique_key('absent')}", key).status_code for _ in range(4)]
     live = _live_config(redis_client)
     assert live is not None and (live["enabled"], live["limit"]) == (True, 3)
     assert statuses == [404, 404, 404, 429]
@@ -429,7 +439,7 @@ def test_postgresql_down_while_the_config_is_missing_keeps_the_last_one(
     if not servers.owns("postgres"):
         pytest.skip("PostgreSQL is an external server (BIRB_TEST_DATABASE_URL): this test must stop it")
     _enable(client, operator_token, limit=1)
-    key = unique_key("apikey")
+    key = fresh_address()
     servers.stop("postgres")
     try:
         flush_redis()
@@ -446,7 +456,7 @@ def test_redis_down_fails_open(servers, api, client: Client, operator_token: str
     if not servers.owns("redis"):
         pytest.skip("Redis is an external server (BIRB_TEST_REDIS_URL): this test must stop it")
     _enable(client, operator_token, limit=1)
-    key = unique_key("apikey")
+    key = fresh_address()
     assert _get(client, key).status_code == 404
     servers.stop("redis")
     try:
@@ -470,7 +480,7 @@ def _sleep_until(moment: float) -> None:
 
 def test_sliding_window_weighs_the_previous_window(client: Client, operator_token: str) -> None:
     _enable(client, operator_token, limit=4, window=2, algorithm="sliding")
-    key = unique_key("apikey")
+    key = fresh_address()
     a = (time.time() // 2 + 1) * 2  # windows are aligned on the epoch: window A starts at a, B at a + 2
     # window A: 4 allowed, the 5th not
     _sleep_until(a + 0.05)
@@ -542,15 +552,15 @@ def test_a_limited_cache_hit_is_still_one_round_trip_to_redis(
     # limiter on: the script and the HGETALL in one write, one reply each
     _enable(client, operator_token, limit=5)
     sent.clear()
-    response = client.get(f"/v1/cache/{key}", HTTP_X_API_KEY=unique_key("apikey"))
+    response = client.get(f"/v1/cache/{key}", REMOTE_ADDR=fresh_address())
     assert response.status_code == 200 and response.json()["value"] == {"n": 1}
     assert response["X-RateLimit-Remaining"] == "4"
     assert [[command[0] for command in commands] for commands in sent] == [["EVALSHA", "HGETALL"]]
     # a refused request reads nothing for the next one to pick up by mistake
-    limited = unique_key("apikey")
+    limited = fresh_address()
     for _ in range(6):
-        client.get(f"/v1/cache/{key}", HTTP_X_API_KEY=limited)
+        client.get(f"/v1/cache/{key}", REMOTE_ADDR=limited)
     assert redis_store._pinned.prefetched is None
     # a miss still reads through to PostgreSQL after the prefetched (empty) reply
-    absent = client.get(f"/v1/cache/{unique_key('absent')}", HTTP_X_API_KEY=unique_key("apikey"))
+    absent = client.get(f"/v1/cache/{unique_key('absent')}", REMOTE_ADDR=fresh_address())
     assert absent.status_code == 404
