@@ -45,6 +45,12 @@ class LeanApiView(APIView):
         self.format_kwarg = None
         request.accepted_renderer, request.accepted_media_type = self.perform_content_negotiation(request)
 
+    def options(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponse:
+        """204 with ``Allow`` (as Django's own views answer), not DRF's description of the view."""
+        response = HttpResponse(status=204)
+        response["Allow"] = ", ".join(self.allowed_methods)
+        return response
+
     def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
         # One renderer (JSON): skip negotiation on every request.
         renderer = self.get_renderers()[0]

@@ -10,8 +10,13 @@ import orjson
 
 from cache_api.errors import ApiError, invalid
 from persistence.keys import KEY_RULE, is_valid_key
+from persistence.services import MAX_TTL_SECONDS
 
 WRITE_FIELDS = ("value", "ttl", "metadata")
+MAX_VERSION = 2**63 - 1
+# orjson encodes at most 254 levels of nested arrays and objects (a value) and metadata, itself
+# an object, holds 253 below it.
+MAX_DEPTH = 254
 # An escaped U+0000 in orjson's output: "\u0000" not preceded by an escaped backslash.
 _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -48,7 +53,7 @@ def parse_write(raw: bytes, *, max_value_size: int) -> WriteInput:
         raise invalid(f"unknown field(s): {', '.join(unknown)}", {"allowed": list(WRITE_FIELDS)})
     if "value" not in body:
         raise invalid('missing field "value"', {"field": "value"})
-    value_json = orjson.dumps(body["value"])
+    value_json = _encoded(body["value"], "value")
     if len(value_json) > max_value_size:
         raise ApiError(
             413,
@@ -57,17 +62,43 @@ def parse_write(raw: bytes, *, max_value_size: int) -> WriteInput:
             {"size": len(value_json), "max_value_size": max_value_size},
         )
     _refuse_nul(value_json, "value")
+    # Present means given: null is not a way to say "absent" (omit the field for the default).
     ttl = body.get("ttl")
-    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0):
+    if "ttl" in body and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0):
         raise invalid(
-            f"ttl must be a non-negative integer number of seconds, got {orjson.dumps(ttl).decode()}", {"field": "ttl"}
+            f"ttl must be a non-negative integer number of seconds (0 = never expires; omit it for the default), "
+            f"got {_shown(ttl)}",
+            {"field": "ttl"},
         )
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise invalid("metadata must be a JSON object", {"field": "metadata"})
-    metadata_json = orjson.dumps(metadata or {})
+    if ttl is not None and ttl > MAX_TTL_SECONDS:
+        raise invalid(
+            f"ttl must be at most {MAX_TTL_SECONDS} seconds (100 years; 0 = never expires), got {ttl}",
+            {"field": "ttl", "max": MAX_TTL_SECONDS},
+        )
+    metadata = body.get("metadata", {})
+    if not isinstance(metadata, dict):
+        shown = _shown(metadata)
+        raise invalid(f"metadata must be a JSON object (omit it for none), got {shown}", {"field": "metadata"})
+    metadata_json = _encoded(metadata, "metadata")
     _refuse_nul(metadata_json, "metadata")
     return WriteInput(value_json=value_json, ttl=ttl, metadata_json=metadata_json)
+
+
+def _encoded(data: Any, field: str) -> bytes:
+    """The compact JSON text that is stored. orjson decodes 1,024 levels of nesting but encodes
+    254: what it cannot encode is refused here, before anything is stored."""
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError as error:
+        raise invalid(
+            f"{field} cannot be stored: {error} (at most {MAX_DEPTH} levels of nested arrays and objects)",
+            {"field": field, "max_depth": MAX_DEPTH},
+        ) from None
+
+
+def _shown(data: Any) -> str:
+    text = orjson.dumps(data).decode() if not isinstance(data, dict | list) else type(data).__name__
+    return text if len(text) <= 40 else text[:40] + "…"
 
 
 def _refuse_nul(encoded: bytes, field: str) -> None:
@@ -87,9 +118,11 @@ def parse_if_match(header: str | None) -> int | None:
     try:
         version = int(text)
     except ValueError:
-        raise invalid(f"If-Match must be a version number, got '{header}'", {"header": "If-Match"}) from None
-    if version < 0:
-        raise invalid(f"If-Match must be a version number, got '{header}'", {"header": "If-Match"})
+        version = -1
+    # Versions are PostgreSQL bigints: anything else can never match.
+    if not 0 <= version <= MAX_VERSION:
+        shown = header if len(header) <= 40 else header[:40] + "…"
+        raise invalid(f"If-Match must be a version number (0 to {MAX_VERSION}), got '{shown}'", {"header": "If-Match"})
     return version
 
 

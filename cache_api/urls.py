@@ -8,5 +8,6 @@ from cache_api.apis import CacheEntryApi, CacheEntryBatchGetApi
 urlpatterns = [
     path("v1/cache/batch/get", CacheEntryBatchGetApi.as_view(), name="cache-batch-get"),
     # Any remaining path is a key; keys.py decides what is legal (illegal -> 400, not 404).
-    re_path(r"^v1/cache/(?P<key>.+)$", CacheEntryApi.as_view(), name="cache-entry"),
+    # (?s): a key with a newline in it (a%0Ab) is a key too, and gets its 400.
+    re_path(r"^v1/cache/(?P<key>(?s:.+))$", CacheEntryApi.as_view(), name="cache-entry"),
 ]

@@ -45,13 +45,13 @@ from django.utils.html import format_html
 from redis.exceptions import RedisError
 
 from persistence import redis_store
-from persistence.errors import KeyNotFoundError, ServiceUnavailableError, VersionMismatchError
+from persistence.errors import KeyNotFoundError, PayloadTooLargeError, ServiceUnavailableError, VersionMismatchError
 from persistence.keys import KEY_RULE, entry_key, is_valid_key
 from persistence.models import CacheEntry, JSONText
 from persistence.redis_store import StoredEntry
 from persistence.rehydration import cache_entries_rehydrate
 from persistence.selectors import stored_entry_from_row
-from persistence.services import cache_entry_delete, cache_entry_set
+from persistence.services import MAX_TTL_SECONDS, cache_entry_delete, cache_entry_set
 
 COUNT_CAP = 10_000
 SCAN_LIMIT = 10_000
@@ -332,6 +332,7 @@ class CacheEntryForm(forms.ModelForm):
         label="TTL (seconds)",
         required=False,
         min_value=0,
+        max_value=MAX_TTL_SECONDS,
         help_text="Seconds from now. 0 = never expires; empty = REDIS_DEFAULT_TTL.",
     )
     if_match = forms.IntegerField(required=False, widget=forms.HiddenInput)
@@ -647,6 +648,13 @@ class CacheEntryAdmin(admin.ModelAdmin):
             return
         except ServiceUnavailableError as error:
             _write_failed(request, f"Not saved: {error.message} ({error.details}). Nothing was changed.")
+            return
+        except PayloadTooLargeError as error:
+            _write_failed(
+                request,
+                f"Not saved: value and metadata take up to {error.size} bytes as a stream message; the message "
+                f"broker accepts {error.limit}. Nothing was changed.",
+            )
             return
         messages.info(
             request,

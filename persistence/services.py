@@ -51,6 +51,12 @@ from persistence.write_behind import cache_entries_upsert_many
 logger = logging.getLogger(__name__)
 
 
+# The longest TTL a write may ask for: 100 years. Far enough for any cache entry; expiry moments
+# stay well inside what Python, Redis and PostgreSQL can represent (a TTL landing past the year
+# 9999 used to fail on the way to the worker with a 500). 0 means "never expires".
+MAX_TTL_SECONDS = 100 * 365 * 24 * 3600
+
+
 def _retention_ms() -> int:
     return int(settings.BIRB.tombstone_retention * 1000)
 
