@@ -33,7 +33,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -115,7 +115,49 @@ class Verdict:
         )
 
 
-class FaultWriter:
+class WriterThreads:
+    """Writer threads run by a ``with`` block: started on entry, stopped and joined on exit. A
+    thread that dies of an exception records it in ``crashed`` (a harness bug must fail the
+    test, not vanish in a thread). Subclasses set ``timeout`` and write ``_run(n)``."""
+
+    timeout: float
+
+    def _start_threads(self, count: int, name: str) -> None:
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.crashed: list[BaseException] = []
+        self._threads = [
+            threading.Thread(target=self._thread_main, args=(n,), name=f"{name}-{n}", daemon=True) for n in range(count)
+        ]
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_and_join()
+
+    def stop_and_join(self) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout + 10)
+        alive = [t.name for t in self._threads if t.is_alive()]
+        assert not alive, f"writer threads did not stop: {alive}"
+
+    def _thread_main(self, n: int) -> None:
+        try:
+            self._run(n)
+        except BaseException as error:
+            with self.lock:
+                self.crashed.append(error)
+            raise
+
+    def _run(self, n: int) -> None:
+        raise NotImplementedError
+
+
+class FaultWriter(WriterThreads):
     """Writer threads against a base URL that may be switched while they run (``base_url``)."""
 
     def __init__(
@@ -137,47 +179,16 @@ class FaultWriter:
         self.prefix = f"f{uuid.uuid4().hex[:10]}"
         self.seed = seed if seed is not None else random.randrange(1 << 30)
         self.extra_keys = extra_keys or {}
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
         self.keys: dict[str, KeyLog] = {}
         self.statuses: Counter[int] = Counter()  # 0 = no answer
         self.transport_errors: Counter[str] = Counter()
         self.unexpected: list[str] = []  # 5xx without the contract's 503 body, unexpected 4xx
         self.not_found_deletes = 0  # DELETE of a key the thread believes live answered 404
         self.acknowledged = 0
-        self.crashed: list[BaseException] = []
-        self._threads = [
-            threading.Thread(target=self._thread_main, args=(n,), name=f"fault-writer-{n}", daemon=True)
-            for n in range(threads)
-        ]
-
-    # -- running -----------------------------------------------------------------------------
-
-    def __enter__(self) -> FaultWriter:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_and_join()
-
-    def stop_and_join(self) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(self.timeout + 10)
-        alive = [t.name for t in self._threads if t.is_alive()]
-        assert not alive, f"writer threads did not stop: {alive}"
+        self._start_threads(threads, "fault-writer")
 
     def key_name(self, n: int, slot: int, gen: int) -> str:
         return f"{self.prefix}-{n}-{slot}" + (f".{gen}" if gen else "")
-
-    def _thread_main(self, n: int) -> None:
-        try:
-            self._run(n)
-        except BaseException as error:  # a harness bug must fail the test, not vanish in a thread
-            with self.lock:
-                self.crashed.append(error)
-            raise
 
     def _run(self, n: int) -> None:
         rng = random.Random(self.seed * 1000 + n)
@@ -548,7 +559,7 @@ class PoisonTrigger:
 # --- availability: every request counted, every acknowledged write read back ----------------------
 
 
-class KeyWriter:
+class KeyWriter(WriterThreads):
     """Threads that POST fresh keys (``<prefix>-<thread>-<n>``) as fast as the API answers, with
     no pause after an error (what a client that retries at once sees). Every request is counted by
     outcome; every acknowledged write (201) is remembered with its version and value."""
@@ -557,36 +568,10 @@ class KeyWriter:
         self.base_url = base_url
         self.timeout = timeout
         self.prefix = f"a{uuid.uuid4().hex[:10]}"
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
         self.statuses: Counter[int] = Counter()  # 0 = no answer
         self.transport_errors: Counter[str] = Counter()
         self.acknowledged: dict[str, tuple[int, Any]] = {}  # key -> (version, value)
-        self.crashed: list[BaseException] = []
-        self._threads = [
-            threading.Thread(target=self._thread_main, args=(n,), name=f"key-writer-{n}", daemon=True)
-            for n in range(threads)
-        ]
-
-    def __enter__(self) -> KeyWriter:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(self.timeout + 10)
-        alive = [t.name for t in self._threads if t.is_alive()]
-        assert not alive, f"writer threads did not stop: {alive}"
-
-    def _thread_main(self, n: int) -> None:
-        try:
-            self._run(n)
-        except BaseException as error:  # a harness bug must fail the test, not vanish in a thread
-            with self.lock:
-                self.crashed.append(error)
-            raise
+        self._start_threads(threads, "key-writer")
 
     def _run(self, n: int) -> None:
         i = 0
