@@ -19,7 +19,7 @@ $(STAMP): requirements/base.txt requirements/stack.txt requirements/dev.txt
 venv: $(STAMP) ## create .venv and install the pinned requirements (done by run/test)
 
 run: $(STAMP) ## start PostgreSQL, Redis, NATS (unless *_URL are set), migrate, serve API + worker
-	$(PY) -m ops.stack run
+	$(PY) -m tools.stack run
 
 test: $(STAMP) tools ## run the whole test suite against real servers (started on free ports)
 	$(PY) -m pytest $(PYTEST_ARGS)

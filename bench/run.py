@@ -1,6 +1,6 @@
 """`make bench` / `python -m bench.run [--smoke] [--duration S]`: Birb Nest beside its references.
 
-Starts its own PostgreSQL, Redis and NATS (ops.stack, free ports, a temporary directory) with
+Starts its own PostgreSQL, Redis and NATS (tools.stack, free ports, a temporary directory) with
 the durability settings of `make run`, migrates, starts `manage.py runapi` and one
 `manage.py runworker`, and measures, each for a bounded time:
 
@@ -389,7 +389,7 @@ class Bench:
         self.notes: list[str] = []
 
     def run(self) -> dict[str, Any]:
-        from ops.stack import make_temp_data_dir, start_stack
+        from tools.stack import make_temp_data_dir, start_stack
 
         began = time.monotonic()
         load = MachineLoad()

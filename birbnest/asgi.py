@@ -21,7 +21,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from ops import dashboard  # noqa: E402
+from ops.console import dashboard  # noqa: E402
 
 Scope = dict[str, Any]
 

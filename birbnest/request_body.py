@@ -41,7 +41,7 @@ from typing import Any
 
 from django.conf import settings
 
-from cache_api.errors import error_response
+from birbnest.errors import error_response
 
 logger = logging.getLogger(__name__)
 

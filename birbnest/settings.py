@@ -42,9 +42,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     # Counts and times every request (cheap: a few multiprocess-safe counters).
-    "ops.metrics.metrics_middleware",
+    "birbnest.metrics.metrics_middleware",
     # Before anything else that costs: a limited client is answered at once.
-    "ops.ratelimit.ratelimit_middleware",
+    "ops.ratelimit.services.ratelimit_middleware",
     "django.middleware.security.SecurityMiddleware",
     # The admin's CSS/JS straight from the installed apps (no collectstatic step, no DEBUG).
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -57,8 +57,8 @@ MIDDLEWARE = [
 # What `/v1/` runs instead (birbnest/wsgi.py): the API does not use sessions, CSRF, users,
 # messages or static files. Plain callables only (no process_view hooks).
 DATA_PLANE_MIDDLEWARE = [
-    "ops.metrics.metrics_middleware",
-    "ops.ratelimit.ratelimit_middleware",
+    "birbnest.metrics.metrics_middleware",
+    "ops.ratelimit.services.ratelimit_middleware",
     "django.middleware.security.SecurityMiddleware",
 ]
 
@@ -153,7 +153,7 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "json": {"()": "ops.logging.JsonFormatter"},
+        "json": {"()": "birbnest.logging.JsonFormatter"},
         "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": BIRB.log_format}},

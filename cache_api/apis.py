@@ -14,8 +14,8 @@ from django.http import HttpResponse
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from birbnest.metrics import CACHE_HITS, CACHE_MISSES
 from cache_api.serializers import parse_batch_keys, parse_if_match, parse_write, validate_key
-from ops.metrics import CACHE_HITS, CACHE_MISSES
 from persistence import services
 from persistence.errors import KeyNotFoundError
 from persistence.redis_store import StoredEntry

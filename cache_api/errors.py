@@ -1,18 +1,17 @@
-"""The contract's error body, and the one exception handler that maps errors to it.
-
-``{"error": "<human message>", "code": "<CODE>", "details": ...}``
-"""
+"""The data plane's one mapping of errors to HTTP: domain errors (persistence/errors.py), the
+errors the API raises itself (:class:`birbnest.errors.ApiError`) and DRF's, each to the
+contract's error body (built by :mod:`birbnest.errors`)."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-import orjson
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from rest_framework import exceptions as drf
 
+from birbnest.errors import ApiError, error_response
 from persistence.errors import (
     BatchTooLargeError,
     KeyNotFoundError,
@@ -22,31 +21,6 @@ from persistence.errors import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """An error answered as it is: status, code, message, details."""
-
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-        super().__init__(message)
-
-
-def invalid(message: str, details: Any = None) -> ApiError:
-    return ApiError(400, "INVALID_REQUEST", message, details)
-
-
-def error_response(
-    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
-) -> HttpResponse:
-    body = orjson.dumps({"error": message, "code": code, "details": details})
-    response = HttpResponse(body, status=status, content_type="application/json")
-    for name, value in (headers or {}).items():
-        response[name] = value
-    return response
 
 
 def to_response(error: Exception) -> HttpResponse | None:
@@ -99,18 +73,4 @@ def exception_handler(error: Exception, context: dict[str, Any]) -> HttpResponse
         view = context.get("view")
         if view is not None:
             response["Allow"] = ", ".join(view.allowed_methods)
-    return response
-
-
-def json_404(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
-    return error_response(404, "NOT_FOUND", f"no such endpoint: {request.path}", {"path": request.path})
-
-
-def json_500(request: HttpRequest) -> HttpResponse:
-    return error_response(500, "INTERNAL_ERROR", "internal error", None)
-
-
-def method_not_allowed(request: HttpRequest, allowed: list[str]) -> HttpResponse:
-    response = error_response(405, "INVALID_REQUEST", f"method {request.method} not allowed", {"allowed": allowed})
-    response["Allow"] = ", ".join(allowed)
     return response

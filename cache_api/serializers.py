@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from cache_api.errors import ApiError, invalid
+from birbnest.errors import ApiError, invalid
 from persistence.keys import KEY_RULE, is_valid_key
 from persistence.services import MAX_TTL_SECONDS
 

@@ -1,8 +1,10 @@
-"""The operator console: Django's admin, one module per area (autodiscovery imports this one)."""
+"""The operator console's admin pages (autodiscovery imports this module): one module per area,
+in ``ops/console/`` and ``ops/ratelimit/``."""
 
 from django.contrib import admin
 
-from ops import admin_deadletters, admin_entries, admin_jobs, admin_ratelimit  # noqa: F401
+from ops.console import deadletters, entries, jobs_admin  # noqa: F401 - they register their pages
+from ops.ratelimit import admin as ratelimit_admin  # noqa: F401
 
 admin.site.site_header = "Birb Nest console"
 admin.site.site_title = "Birb Nest"

@@ -11,8 +11,9 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from cache_api.errors import method_not_allowed
-from ops import health, metrics
+from birbnest import metrics
+from birbnest.errors import method_not_allowed
+from ops import health
 
 STARTED = time.time()
 

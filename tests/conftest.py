@@ -3,7 +3,7 @@
 With ``BIRB_TEST_DATABASE_URL`` / ``BIRB_TEST_REDIS_URL`` / ``BIRB_TEST_NATS_URL`` set, those
 servers are used, and this run keeps to its own database, Redis key prefix and streams (removed
 at the end), so two runs never see each other's data. The others are started from the PyPI
-wheels on free ports in a temporary directory (ops/stack.py) and stopped at the end.
+wheels on free ports in a temporary directory (tools/stack.py) and stopped at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import dj_database_url
 import httpx
 import pytest
 
-from ops.stack import Stack, make_temp_data_dir, start_stack
+from tools.stack import Stack, make_temp_data_dir, start_stack
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 RUN_ID = uuid.uuid4().hex[:8]

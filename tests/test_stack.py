@@ -1,4 +1,4 @@
-"""ops.stack starts real PostgreSQL, Redis and NATS servers and keeps their data across restarts.
+"""tools.stack starts real PostgreSQL, Redis and NATS servers and keeps their data across restarts.
 
 Run alone with ``.venv/bin/python -m pytest tests/test_stack.py -p no:django -q``.
 """
@@ -26,7 +26,7 @@ import psycopg
 import pytest
 import redis
 
-from ops.stack import Stack, StackError, make_temp_data_dir, start_stack, stop_orphans
+from tools.stack import Stack, StackError, make_temp_data_dir, start_stack, stop_orphans
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
@@ -164,7 +164,7 @@ def test_a_port_taken_after_the_check_is_replaced_on_first_start(
         busy = squatter.getsockname()[1]
         (data_dir / "stack.json").write_text(json.dumps({"ports": {"redis": busy}, "pids": {}}))
         # As if another process bound the port between our check and redis-server's bind.
-        monkeypatch.setattr("ops.stack._port_free", lambda port: True)
+        monkeypatch.setattr("tools.stack._port_free", lambda port: True)
         with start_stack(data_dir, only={"redis"}, redis_persistence=False) as stack:
             assert stack.ports["redis"] != busy
             assert set(stack.urls()) == {"REDIS_URL"}
@@ -173,7 +173,7 @@ def test_a_port_taken_after_the_check_is_replaced_on_first_start(
 
 def test_servers_left_by_a_killed_owner_are_stopped_and_ports_reused(data_dir: Path) -> None:
     code = (
-        "import sys, time; from pathlib import Path; from ops.stack import start_stack; "
+        "import sys, time; from pathlib import Path; from tools.stack import start_stack; "
         "stack = start_stack(Path(sys.argv[1]), fsync=False); print('ready', flush=True); time.sleep(120)"
     )
     owner = subprocess.Popen(
@@ -200,7 +200,7 @@ def test_cli_servers_writes_stack_env_and_stops_everything_on_sigint(data_dir: P
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "NATS_URL", "SECRET_KEY")}
     env["BIRB_DATA_DIR"] = str(data_dir)
     cli = subprocess.Popen(
-        [sys.executable, "-m", "ops.stack", "servers"],
+        [sys.executable, "-m", "tools.stack", "servers"],
         cwd=BASE_DIR,
         env=env,
         stdout=subprocess.PIPE,
@@ -236,13 +236,13 @@ def test_cli_servers_writes_stack_env_and_stops_everything_on_sigint(data_dir: P
 
 
 def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    """The environment of `python -m ops.stack` on its own servers in ``data_dir`` (no *_URL)."""
+    """The environment of `python -m tools.stack` on its own servers in ``data_dir`` (no *_URL)."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "NATS_URL", "SECRET_KEY")}
     return {**env, "BIRB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **extra}
 
 
 class Watched:
-    """`python -m ops.stack <command>` with its output in a file, and every process it ever ran:
+    """`python -m tools.stack <command>` with its output in a file, and every process it ever ran:
     servers recorded in stack.json, processes working in the data dir, its descendants."""
 
     def __init__(self, command: str, data_dir: Path, log_path: Path, **env: str) -> None:
@@ -250,7 +250,7 @@ class Watched:
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ops.stack", command],
+                [sys.executable, "-m", "tools.stack", command],
                 cwd=BASE_DIR,
                 env=cli_env(data_dir, **env),
                 stdout=log,
@@ -332,7 +332,7 @@ def _server_ready(watched: Watched, name: str) -> Callable[[], bool]:
 def test_cli_servers_stop_everything_on_signals_in_quick_succession(
     data_dir: Path, tmp_path: Path, moment: str
 ) -> None:
-    # given `python -m ops.stack servers` at some moment of its life
+    # given `python -m tools.stack servers` at some moment of its life
     watched = Watched("servers", data_dir, tmp_path / "stack.log")
     try:
         if moment == "first-server-starting":
@@ -379,9 +379,9 @@ def test_cli_run_stops_everything_on_signals_in_quick_succession(data_dir: Path,
 def test_a_child_deaf_to_sigterm_is_killed_with_its_own_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     # given an app child that ignores SIGTERM, with a process of its own that ignores it too (as a
     # granian worker that got SIGTERM while loading the app: it serves on, holding the port)
-    from ops.stack import _Child, _stop_children
+    from tools.stack import _Child, _stop_children
 
-    monkeypatch.setattr("ops.stack.CHILD_STOP_TIMEOUT", 1.0)
+    monkeypatch.setattr("tools.stack.CHILD_STOP_TIMEOUT", 1.0)
     code = (
         "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
         "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "

@@ -24,9 +24,9 @@ import httpx
 import pytest
 from django.conf import settings
 
-from ops.stack import _nats_server
 from tests.conftest import free_port, unique_key, wait_for
 from tests.hostile.conftest import assert_error, assert_healthy, assert_not_stored
+from tools.stack import _nats_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -38,7 +38,7 @@ def open_slow_posts(url: str, count: int, key: str) -> list[socket.socket]:
         sock = socket.create_connection((host, int(port)), timeout=30)
         sock.sendall(
             f"POST /v1/cache/{key} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            "Content-Length: 1000\r\n\r\n{\"v".encode()
+            'Content-Length: 1000\r\n\r\n{"v'.encode()
         )
         sockets.append(sock)
     return sockets

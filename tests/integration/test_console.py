@@ -17,7 +17,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from ops import jobs
+from ops.console import jobs
 from ops.models import RehydrationJob
 from persistence import dead_letters, jetstream, redis_store
 from persistence.models import CacheEntry
@@ -420,7 +420,7 @@ def test_evict_keeps_a_newer_copy_the_worker_has_not_written(operator: Client, w
 
 
 def test_an_action_on_more_than_the_limit_is_refused(operator: Client, monkeypatch: Any) -> None:
-    from ops import admin_entries
+    from ops.console import entries as admin_entries
 
     monkeypatch.setattr(admin_entries, "ACTION_LIMIT", 5)
     insert_rows("many:", 6)

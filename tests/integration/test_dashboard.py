@@ -19,8 +19,8 @@ from asgiref.testing import ApplicationCommunicator
 from django.contrib.auth.models import Permission
 from django.test import Client
 
-from ops import dashboard
-from ops.dashboard import Hub, Sampler
+from ops.console import dashboard
+from ops.console.dashboard import Hub, Sampler
 from tests.conftest import free_port, manage, service_env, unique_key, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -376,7 +376,7 @@ def test_rundashboard_serves_the_websocket_and_exits_0_on_sigterm(django_user_mo
 
 
 def test_p99_is_read_from_the_buckets_of_the_interval_only() -> None:
-    from ops.dashboard import MetricTotals, interval_rates
+    from ops.console.dashboard import MetricTotals, interval_rates
 
     bounds = (0.001, 0.01, 0.1, float("inf"))
     before = MetricTotals(0.0, 1000, 0, 0, 0, dict(zip(bounds, (1000, 1000, 1000, 1000), strict=True)))

@@ -76,7 +76,7 @@ def test_management_commands_stop_at_start_with_one_line_and_exit_2(command: lis
 def test_make_run_stops_at_start_with_one_line_and_exit_2(tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin", "BIRB_DATA_DIR": str(tmp_path), "WORKER_BATCH_TIMEOUT": "fast"}
     result = subprocess.run(
-        [sys.executable, "-m", "ops.stack", "run"], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "tools.stack", "run"], cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
     assert (

@@ -10,7 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from ops.dashboard import WEBSOCKET_PATH, dashboard_port
+from ops.console.dashboard import WEBSOCKET_PATH, dashboard_port
 
 
 class Command(BaseCommand):

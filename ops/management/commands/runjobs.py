@@ -8,7 +8,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from ops.jobs import POLL_INTERVAL, runner_run
+from ops.console.jobs import POLL_INTERVAL, runner_run
 
 
 class Command(BaseCommand):

@@ -31,7 +31,7 @@ from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 from rest_framework.authtoken.models import Token
 
-from cache_api.errors import error_response, method_not_allowed
+from birbnest.errors import error_response, method_not_allowed
 from ops.ratelimit import RateLimitConfig, RateLimitSettingsError, ratelimit_settings_get, ratelimit_settings_update
 
 logger = logging.getLogger(__name__)

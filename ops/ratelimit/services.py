@@ -48,7 +48,7 @@ from django.db.models.signals import post_delete, post_save
 from django.http import HttpRequest, HttpResponse
 from redis.exceptions import RedisError
 
-from cache_api.errors import error_response
+from birbnest.errors import error_response
 from ops.models import RateLimitClient, RateLimitSettings
 from persistence import redis_store
 

@@ -1,6 +1,6 @@
 """Rehydration jobs in the console: start one (all entries, or a key prefix), watch it, cancel it.
 
-The admin only queues the job (:func:`ops.jobs.rehydration_job_start`); ``manage.py runjobs``
+The admin only queues the job (:func:`ops.console.jobs.rehydration_job_start`); ``manage.py runjobs``
 runs it outside any web request and writes its progress to the row, which these pages show
 (refreshing every 2 s while a job is active). Starting and cancelling need
 ``ops.run_rehydrationjob``; the job rows themselves are read-only.
@@ -19,7 +19,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 
-from ops.jobs import (
+from ops.console.jobs import (
     InvalidPrefixError,
     JobAlreadyRunningError,
     job_progress,

@@ -1,6 +1,6 @@
 """Real PostgreSQL, Redis and NATS JetStream servers from the PyPI wheels.
 
-Used by ``make run`` (``python -m ops.stack run``) and by the test suite, which starts its own
+Used by ``make run`` (``python -m tools.stack run``) and by the test suite, which starts its own
 servers in a temporary directory. Everything lives under one data directory::
 
     DATA_DIR/postgres   PostgreSQL cluster          DATA_DIR/log/*.log   server logs
@@ -39,7 +39,7 @@ from typing import Any
 
 import psutil
 
-logger = logging.getLogger("ops.stack")
+logger = logging.getLogger("tools.stack")
 
 SERVERS = ("postgres", "redis", "nats")
 URL_VARS = {"postgres": "DATABASE_URL", "redis": "REDIS_URL", "nats": "NATS_URL"}
@@ -81,7 +81,7 @@ class StopRequestedError(Exception):
 
 
 class _StopRequest:
-    """What SIGINT/SIGTERM do to `python -m ops.stack`: set a flag, nothing else.
+    """What SIGINT/SIGTERM do to `python -m tools.stack`: set a flag, nothing else.
 
     Start-up looks at the flag between its steps and while it waits for a server; the supervisor
     loop looks at it every 0.2 s; then the shutdown runs to its end. The handler never raises: an
@@ -107,7 +107,7 @@ class _StopRequest:
     def _say(message: str) -> None:
         # An unbuffered write: it takes no lock that the interrupted code may hold.
         with contextlib.suppress(OSError):
-            os.write(2, f"ops.stack: {message}\n".encode())
+            os.write(2, f"tools.stack: {message}\n".encode())
 
     def check(self) -> None:
         """Raise StopRequestedError if a stop was asked for."""
@@ -595,7 +595,7 @@ def _remove_stale_pidfile(pgdata: Path) -> None:
         pidfile.unlink(missing_ok=True)
 
 
-# -- command line: `python -m ops.stack run | servers` ------------------------------------------
+# -- command line: `python -m tools.stack run | servers` ------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -617,7 +617,7 @@ def _stored_secret_key(data_dir: Path) -> str:
 
 
 def _write_env_file(path: Path, values: dict[str, str]) -> None:
-    lines = ["# Written by `python -m ops.stack`: the servers in use, read by manage.py for unset variables.\n"]
+    lines = ["# Written by `python -m tools.stack`: the servers in use, read by manage.py for unset variables.\n"]
     for key, value in values.items():
         # Single quotes: python-dotenv takes them literally (no ${VAR} interpolation).
         quoted = value.replace("\\", "\\\\").replace("'", "\\'")
@@ -808,7 +808,7 @@ def _print_summary(config: Any, urls: dict[str, str], stack: Stack | None, data_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ops.stack", description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.stack", description=__doc__.split("\n", 1)[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="start the servers, migrate, run the API and the worker (make run)")
     commands.add_parser("servers", help="start only the servers and wait for Ctrl-C")
