@@ -44,7 +44,7 @@ MIDDLEWARE = [
     # Counts and times every request (cheap: a few multiprocess-safe counters).
     "birbnest.metrics.metrics_middleware",
     # Before anything else that costs: a limited client is answered at once.
-    "ops.ratelimit.services.ratelimit_middleware",
+    "ops.ratelimit.middleware.ratelimit_middleware",
     "django.middleware.security.SecurityMiddleware",
     # The admin's CSS/JS straight from the installed apps (no collectstatic step, no DEBUG).
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -58,7 +58,7 @@ MIDDLEWARE = [
 # messages or static files. Plain callables only (no process_view hooks).
 DATA_PLANE_MIDDLEWARE = [
     "birbnest.metrics.metrics_middleware",
-    "ops.ratelimit.services.ratelimit_middleware",
+    "ops.ratelimit.middleware.ratelimit_middleware",
     "django.middleware.security.SecurityMiddleware",
 ]
 

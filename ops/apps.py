@@ -6,4 +6,16 @@ class OpsConfig(AppConfig):
     verbose_name = "Operations"
 
     def ready(self) -> None:
+        from django.db.models.signals import post_delete, post_save
+
         from birbnest import checks  # noqa: F401 - registers the system checks
+        from ops.models import RateLimitClient, RateLimitSettings
+        from ops.ratelimit.services import publish_on_commit
+
+        # Every change of the rate-limit settings or client rules, however it is made (services,
+        # admin, a plain save()), is published to every API process once its transaction commits.
+        for model in (RateLimitSettings, RateLimitClient):
+            post_save.connect(publish_on_commit, sender=model, dispatch_uid=f"ratelimit-publish-save-{model.__name__}")
+            post_delete.connect(
+                publish_on_commit, sender=model, dispatch_uid=f"ratelimit-publish-delete-{model.__name__}"
+            )

@@ -31,6 +31,7 @@ from ops.ratelimit import (
     ratelimit_config_publish,
     ratelimit_settings_update,
 )
+from ops.ratelimit import config as ratelimit_config
 from tests.conftest import clear_of_window_edge, unique_key, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -500,7 +501,7 @@ def test_requests_arriving_during_a_refresh_wait_for_it_instead_of_applying_the_
 ) -> None:
     # The race test_concurrent_requests_are_counted_exactly once hit: a burst reaches a process
     # whose copy is stale; one request re-reads it, and the others must not go on with the old one.
-    cache = ratelimit._ConfigCache()
+    cache = ratelimit_config._ConfigCache()
     old, new = ratelimit.RateLimitConfig(enabled=True, limit=1), ratelimit.RateLimitConfig(enabled=True, limit=20)
     cache.config = old
     refreshing = threading.Event()
