@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import sys
 from pathlib import Path
@@ -10,6 +11,18 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
+
+# Connections each API process accepts (granian's --backpressure).
+BACKPRESSURE = 8192
+
+
+def _raise_open_files(wanted: int) -> None:
+    """Raise this process's (and so granian's) soft limit on open files towards ``wanted``, as far
+    as the hard limit allows: every connection granian accepts holds a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 class Command(BaseCommand):
@@ -29,6 +42,7 @@ class Command(BaseCommand):
         metrics_dir.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         self._ensure_streams()
+        _raise_open_files(config.api_workers * BACKPRESSURE + 1024)
         argv = [
             str(Path(sys.executable).parent / "granian"),
             "--interface", "wsgi",
@@ -36,9 +50,11 @@ class Command(BaseCommand):
             "--port", str(port),
             "--workers", str(config.api_workers),
             "--blocking-threads", str(config.api_threads),
-            # Requests beyond the threads wait in granian; it does not read connections past this
-            # many per process, so it must cover every client connection (wrk -c50 and more).
-            "--backpressure", "512",
+            # Requests beyond the threads wait in granian; it does not accept connections past
+            # this many per process (they hang unanswered in the kernel's queue, /health too), so
+            # it must cover every client connection, idle ones included: 512 was reached by 1,024
+            # open connections. Each costs a file descriptor (see _raise_open_files).
+            "--backpressure", str(BACKPRESSURE),
             # A worker that dies (the OOM killer, a crash) is replaced at once while the others
             # serve on; without this granian's main process exits and takes every worker with it.
             # granian 2.8.9 waits the interval only when it replaces a live worker (SIGHUP reload):
