@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse
 from rest_framework import exceptions as drf
@@ -56,7 +57,10 @@ def to_response(error: Exception) -> HttpResponse | None:
             {"size_at_least": error.size, "max_batch_response_size": error.limit},
         )
     if isinstance(error, RequestDataTooBig):
-        return error_response(413, "PAYLOAD_TOO_LARGE", "request body is too large", None)
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return error_response(
+            413, "PAYLOAD_TOO_LARGE", f"request body is larger than {limit} bytes", {"max_body_size": limit}
+        )
     if isinstance(error, drf.MethodNotAllowed):
         return error_response(405, "INVALID_REQUEST", str(error.detail), None)
     if isinstance(error, drf.NotFound):
