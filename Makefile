@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | sha1sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test tools lint format venv clean-data
+.PHONY: help run test tools layers lint format venv clean-data
 
 help: ## list the targets
 	@grep -hE '^[a-z][a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -21,7 +21,7 @@ venv: $(STAMP) ## create .venv and install the pinned requirements (done by run/
 run: $(STAMP) ## start PostgreSQL, Redis, NATS (unless *_URL are set), migrate, serve API + worker
 	$(PY) -m tools.stack run
 
-test: $(STAMP) tools ## run the whole test suite against real servers (started on free ports)
+test: $(STAMP) tools layers ## the layering check, then the whole test suite against real servers (started on free ports)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 tools: ## install the Debian tools tests use when missing (chromium for browser tests, docker-compose)
@@ -39,7 +39,10 @@ tools: ## install the Debian tools tests use when missing (chromium for browser 
 	  fi; \
 	fi
 
-lint: $(STAMP) ## ruff lint + format check
+layers: $(STAMP) ## imports point down only (import-linter contracts in pyproject.toml)
+	$(VENV)/bin/lint-imports --no-cache --no-logo
+
+lint: $(STAMP) layers ## the layering check, ruff lint + format check
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
