@@ -383,13 +383,20 @@ def installed_by(requirements_file: Path) -> set[str]:
 
 
 def imported_top_levels(path: Path) -> set[str]:
-    """The top-level names ``path`` imports anywhere (at module level or inside a function)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    """The top-level names ``path`` imports when it runs (at module level or inside a function;
+    not under ``if TYPE_CHECKING:``, which only the type checker reads)."""
+    names: set[str] = set()
+    pending: list[ast.AST] = [ast.parse(path.read_text(), filename=str(path))]
+    while pending:
+        node = pending.pop()
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            pending.extend(node.orelse)
+        else:
+            pending.extend(ast.iter_child_nodes(node))
     return names
 
 
