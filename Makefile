@@ -42,9 +42,10 @@ tools: ## install the Debian tools tests use when missing (chromium for browser 
 layers: $(STAMP) ## imports point down only (import-linter contracts in pyproject.toml)
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
-lint: $(STAMP) layers ## the layering check, ruff lint + format check
+lint: $(STAMP) layers ## the layering check, ruff lint + format check, mypy
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 format: $(STAMP) ## ruff format + autofix
 	$(PY) -m ruff format .

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -263,19 +263,19 @@ def env_file(environ: Mapping[str, str] | None = None) -> Path:
     return Path(environ.get("BIRB_ENV_FILE") or BASE_DIR / ".env")
 
 
-def load_env_files(environ: dict[str, str] | None = None) -> None:
+def load_env_files(environ: MutableMapping[str, str] | None = None) -> None:
     """Fill unset variables from ``.env`` and then from the file `make run` writes under the data dir.
 
     Variables already in the environment always win, so an operator's export beats both files.
     """
     from dotenv import dotenv_values
 
-    environ = os.environ if environ is None else environ  # type: ignore[assignment]
-    for path in (env_file(environ), data_dir_from(environ) / STACK_ENV_FILE):
+    target = os.environ if environ is None else environ
+    for path in (env_file(target), data_dir_from(target) / STACK_ENV_FILE):
         if path.is_file():
             for key, value in dotenv_values(path).items():
-                if value is not None and not environ.get(key):
-                    environ[key] = value
+                if value is not None and not target.get(key):
+                    target[key] = value
 
 
 @contextmanager

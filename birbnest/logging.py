@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 
 def JsonFormatter() -> logging.Formatter:  # noqa: N802 - used as a formatter factory in LOGGING
@@ -28,7 +28,7 @@ def JsonFormatter() -> logging.Formatter:  # noqa: N802 - used as a formatter fa
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
-def _extras(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _extras(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
     """Copy ``extra={...}`` fields of the record (error, trace_id, key...) into the JSON."""
     record = event.get("_record")
     if record is not None:

@@ -21,13 +21,15 @@ After start-up the objects loaded so far are frozen out of the garbage collector
 
 import gc
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import django
 from django.conf import settings
 from django.core.handlers.exception import convert_exception_to_response
 from django.core.handlers.wsgi import WSGIHandler, get_script_name
 from django.db import close_old_connections, connection
+from django.http import HttpResponse
 from django.urls import set_script_prefix
 from django.utils.module_loading import import_string
 
@@ -43,10 +45,11 @@ class DataPlaneHandler(WSGIHandler):
     """
 
     def load_middleware(self, is_async: bool = False) -> None:
-        self._view_middleware = []
-        self._template_response_middleware = []
-        self._exception_middleware = []
-        handler = convert_exception_to_response(self._get_response)
+        self._view_middleware: list[Callable[..., Any]] = []
+        self._template_response_middleware: list[Callable[..., Any]] = []
+        self._exception_middleware: list[Callable[..., Any]] = []
+        # _get_response is BaseHandler's private view caller; django-stubs leaves it out.
+        handler = convert_exception_to_response(self._get_response)  # type: ignore[attr-defined]
         for path in reversed(settings.DATA_PLANE_MIDDLEWARE):
             handler = convert_exception_to_response(import_string(path)(handler))
         self._middleware_chain = handler
@@ -55,10 +58,11 @@ class DataPlaneHandler(WSGIHandler):
         set_script_prefix(get_script_name(environ))
         response = self.get_response(self.request_class(environ))
         if response.streaming or response.cookies:  # not on the data plane today; the general path
-            response._handler_class = self.__class__
+            # As Django's WSGIHandler does: close() sends request_finished from it. Not in django-stubs.
+            response._handler_class = self.__class__  # type: ignore[attr-defined]
             start_response(f"{response.status_code} {response.reason_phrase}", list(response.items()))
             return response
-        body = response.content
+        body = cast(HttpResponse, response).content  # not streaming: an HttpResponse
         headers = list(response.items())
         if response.status_code not in (204, 304):  # those must not carry one
             # A length lets the server send the answer in one piece instead of chunked.

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import orjson
 import psycopg
 from django.db import OperationalError, connections
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from persistence.messages import isoformat
@@ -17,13 +17,13 @@ from persistence.models import CacheEntry, JSONText
 from persistence.redis_store import StoredEntry
 
 
-def live_entries() -> QuerySet[CacheEntry]:  # noqa: F821 - string annotation for the queryset type
+def live_entries() -> QuerySet[CacheEntry]:
     """Rows a client may see: not deleted, not expired."""
     now = timezone.now()
     return CacheEntry.objects.filter(deleted=False).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
 
 
-def _json_text(value: JSONText | None, default: bytes) -> bytes:
+def _json_text(value: JSONText | object | None, default: bytes) -> bytes:
     """The stored JSON text as it is (a NULL, which the worker never writes, as ``default``)."""
     if value is None:
         return default
@@ -83,7 +83,7 @@ def cache_entry_version_in_db(*, key: str) -> VersionInDb:
         conn = _version_connection.connection
         kept = conn is not None and not conn.closed
         try:
-            if not kept:
+            if conn is None or conn.closed:  # not kept
                 params = connections["default"].get_connection_params()
                 params.pop("cursor_factory", None)
                 conn = _version_connection.connection = psycopg.connect(**params, autocommit=True)

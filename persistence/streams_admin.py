@@ -364,7 +364,8 @@ def streams_report() -> list[StreamSummary]:
     summaries: list[StreamSummary] = []
     while True:
         offset = len(summaries)
-        page = _run(lambda c, offset=offset: c.js.streams_info(offset=offset))
+        # _run awaits the request before returning: this iteration's offset is the one sent.
+        page = _run(lambda c: c.js.streams_info(offset=offset))  # noqa: B023
         summaries.extend(_stream_summary(info) for info in page)
         if len(page) < LIST_PAGE:
             return sorted(summaries, key=lambda s: s.name)
@@ -402,7 +403,8 @@ def consumers_report(*, stream: str) -> list[ConsumerSummary]:
     summaries: list[ConsumerSummary] = []
     while True:
         offset = len(summaries)
-        page = _run(lambda c, offset=offset: c.js.consumers_info(stream, offset=offset), stream=stream)
+        # _run awaits the request before returning: this iteration's offset is the one sent.
+        page = _run(lambda c: c.js.consumers_info(stream, offset=offset), stream=stream)  # noqa: B023
         summaries.extend(_consumer_summary(info) for info in page)
         if len(page) < LIST_PAGE:
             return sorted(summaries, key=lambda s: s.name)
@@ -440,7 +442,8 @@ def _read_forward(name: str, *, start: int, stop: int, limit: int) -> list[Strea
     while len(messages) < limit and seq <= stop:
         try:
             # The first message at or after `seq` on any subject: one request per message, gaps skipped.
-            raw = _run(lambda c, seq=seq: c.js.get_msg(name, seq, subject=">", next=True), stream=name)
+            # _run awaits the request before returning, so `seq` cannot move under it.
+            raw = _run(lambda c: c.js.get_msg(name, seq, subject=">", next=True), stream=name)  # noqa: B023
         except JetStreamRequestError as error:
             if error.err_code == NO_MESSAGE_FOUND or error.code == 404:
                 break  # nothing at or after `seq` (purged meanwhile, or past the end)

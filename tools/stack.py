@@ -352,7 +352,7 @@ def start_stack(
     try:
         stack._acquire_lock()
         stop_orphans(data_dir)
-        remembered, taken = _load_state(data_dir).get("ports", {}), set()
+        remembered, taken = _load_state(data_dir).get("ports", {}), set[int]()
         for key in names + (["nats_monitor"] if "nats" in names else []):
             preferred = [monitor_port] if key == "nats_monitor" else []
             stack.ports[key] = _choose_port([*preferred, remembered.get(key)], taken)

@@ -323,7 +323,7 @@ class Sampler:
         self.history: deque[dict[str, Any]] = deque(maxlen=max(1, int(history_seconds / interval)))
         self._previous_totals: MetricTotals | None = None
         self._health = {
-            name: _Probe(name, lambda check=check: health.timed(check), probe_timeout)
+            name: _Probe(name, functools.partial(health.timed, check), probe_timeout)
             for name, check in health_checks(api_port=self.api_port).items()
         }
         self._metrics = _Probe("metrics", lambda: read_metric_totals(self.metrics_dir), probe_timeout)

@@ -55,7 +55,7 @@ def _context(request: HttpRequest, title: str, **extra: Any) -> dict[str, Any]:
 
 def _int(raw: str | None, default: int | None = None) -> int | None:
     try:
-        return int(raw) if raw not in (None, "") else default
+        return int(raw) if raw else default  # None and "" both mean "not given"
     except ValueError:
         return default
 

@@ -39,7 +39,9 @@ NO_RUNNER = (
 
 
 class StartForm(forms.Form):
-    prefix = forms.CharField(
+    # Named like BaseForm.prefix (the HTML name prefix, None here): Django's form metaclass takes
+    # declared fields off the class, so the two never meet; mypy sees one attribute with two types.
+    prefix = forms.CharField(  # type: ignore[assignment]
         required=False,
         max_length=255,
         help_text=f"Only keys starting with this ({KEY_RULE}); e.g. user: — ignored by “Rehydrate all”.",

@@ -35,7 +35,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         try:
             if options["list"]:
-                self.list(options)
+                self.list_letters(options)
             elif options["show"] is not None:
                 self.show(options["show"], options)
             elif options["retry"] is not None:
@@ -45,7 +45,7 @@ class Command(BaseCommand):
         except (JetStreamAdminError, dead_letters.DeadLetterNotFoundError) as error:
             raise CommandError(str(error)) from error
 
-    def list(self, options: dict[str, Any]) -> None:
+    def list_letters(self, options: dict[str, Any]) -> None:
         letters = dead_letters.dead_letters_list(limit=options["limit"])
         if options["json"]:
             self.stdout.write(json.dumps([_summary(d) for d in letters], indent=2))

@@ -6,7 +6,7 @@ command then exits with code 1.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TextIO
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
@@ -35,7 +35,10 @@ class Command(BaseCommand):
             raise CommandError(f"invalid key(s): {', '.join(bad)}")
         selection = None if options["all"] else keys
         total = count_live(selection)
-        with tqdm(total=total, unit="entries", disable=options["no_progress"], file=self.stderr._out) as bar:
+        # The stream under Django's OutputWrapper. django-stubs leaves the private _out out, and its
+        # OutputWrapper.__getattr__ types any other attribute as a Callable.
+        stderr: TextIO = self.stderr._out  # type: ignore[assignment]
+        with tqdm(total=total, unit="entries", disable=options["no_progress"], file=stderr) as bar:
             try:
                 result = cache_entries_rehydrate(keys=selection, force=options["force"], progress=bar.update)
             except RedisError as error:  # not one row: nothing more can be loaded
