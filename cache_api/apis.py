@@ -14,7 +14,6 @@ from django.http import HttpResponse
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from birbnest.metrics import CACHE_HITS, CACHE_MISSES
 from cache_api.serializers import parse_batch_keys, parse_if_match, parse_write, validate_key
 from persistence import services
 from persistence.errors import KeyNotFoundError
@@ -45,7 +44,9 @@ class LeanApiView(APIView):
         self.format_kwarg = None
         request.accepted_renderer, request.accepted_media_type = self.perform_content_negotiation(request)
 
-    def options(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponse:
+    # A plain HttpResponse, which DRF's finalize_response takes; the DRF stubs type options() as
+    # returning a Response (and with a Request, unlike Django's View: reported here too).
+    def options(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponse:  # type: ignore[override]
         """204 with ``Allow`` (as Django's own views answer), not DRF's description of the view."""
         response = HttpResponse(status=204)
         response["Allow"] = ", ".join(self.allowed_methods)
@@ -62,8 +63,7 @@ class CacheEntryApi(LeanApiView):
 
     def get(self, request: Request, key: str) -> HttpResponse:
         validate_key(key)
-        entry, hit = services.cache_entry_get_counted(key=key)
-        (CACHE_HITS if hit else CACHE_MISSES).inc()
+        entry = services.cache_entry_read(key=key)
         if entry is None:
             raise KeyNotFoundError(key)
         return entry_response(entry)
@@ -94,14 +94,9 @@ class CacheEntryBatchGetApi(LeanApiView):
 
     def post(self, request: Request) -> HttpResponse:
         keys = parse_batch_keys(request.body, max_keys=settings.BIRB.max_batch_keys)
-        found, missing, hits = services.cache_entries_get_many(
+        found, missing, _hits = services.cache_entries_get_many(
             keys=keys, max_bytes=settings.BIRB.max_batch_response_size
         )
-        if hits:
-            CACHE_HITS.inc(hits)
-        misses = len(set(keys)) - hits
-        if misses:
-            CACHE_MISSES.inc(misses)
         body = orjson.dumps(
             {"entries": {key: orjson.Fragment(entry.to_json()) for key, entry in found.items()}, "missing": missing}
         )

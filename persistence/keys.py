@@ -1,4 +1,10 @@
-"""Cache keys: what a client may use, and the Redis key names built from them (the only place)."""
+"""Cache keys: what a client may use, and every Redis key name the service writes.
+
+:func:`redis_key` is the one builder: it puts ``REDIS_KEY_PREFIX`` in front of a subsystem's own
+parts. Each subsystem names its keys through it (entries and counters here, the rate limiter's
+in ``ops/ratelimit``, the job runner's lock in ``ops/console/jobs.py``). Django's cache
+(``CACHES["default"]["KEY_PREFIX"]``) uses the same prefix plus ``django``.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +20,26 @@ def is_valid_key(key: str) -> bool:
     return KEY_PATTERN.fullmatch(key) is not None
 
 
+def redis_key(*parts: str) -> str:
+    """``<REDIS_KEY_PREFIX><part>:<part>…``: the name of a Redis key the service writes."""
+    return settings.BIRB.redis_key_prefix + ":".join(parts)
+
+
 def entry_key(key: str) -> str:
     """Redis hash holding the entry (or its tombstone)."""
-    return f"{settings.BIRB.redis_key_prefix}e:{key}"
+    return redis_key("e", key)
 
 
 def version_key(key: str) -> str:
     """Redis counter holding the last version assigned to the key."""
-    return f"{settings.BIRB.redis_key_prefix}n:{key}"
+    return redis_key("n", key)
 
 
-def strip_entry_prefix(redis_key: str) -> str:
-    return redis_key[len(settings.BIRB.redis_key_prefix) + 2 :]
+def strip_entry_prefix(name: str) -> str:
+    """The cache key of an entry hash's name (the inverse of :func:`entry_key`)."""
+    return name[len(entry_key("")) :]
 
 
 def counters_marker_key() -> str:
     """Present while Redis holds every version counter assigned since the backlog last drained."""
-    return f"{settings.BIRB.redis_key_prefix}meta:counters-complete"
+    return redis_key("meta", "counters-complete")

@@ -287,7 +287,7 @@ def read(key: str) -> StoredEntry | Tombstone | None:
     """One round trip: the entry, a tombstone, or None when Redis does not have the key.
 
     No round trip at all when the rate limiter already read the key in its own (see
-    ``ops.ratelimit.ratelimit_check``): the reply is used once, by the request that asked.
+    ``ops.ratelimit.limiter.ratelimit_check``): the reply is used once, by the request that asked.
     """
     prefetched = _pinned.prefetched
     if prefetched is not None and prefetched[0] == key:
@@ -324,31 +324,30 @@ def read_many(keys: list[str], *, max_bytes: int | None = None) -> list[StoredEn
 
 def _read_bounded(commands: list[tuple[Any, ...]], max_bytes: int) -> list[Any]:
     connection = _pinned_connection()
-    _send_only(connection, connection.pack_commands(commands))
-    replies: list[Any] = []
-    size = 0
-    try:
-        for _ in commands:
-            try:
-                reply = connection.read_response()
-            except ResponseError as error:
-                reply = error
-            size += _reply_size(reply)
-            if size > max_bytes:
-                raise ReadTooLargeError(size=size, limit=max_bytes)
-            replies.append(reply)
-    except BaseException:
-        connection.disconnect()  # replies left unread: the connection is out of step
-        raise
-    return replies
-
-
-def _send_only(connection: AbstractConnection, packed: Any) -> None:
-    try:
-        connection.send_packed_command(packed)
-    except (ConnectionError, TimeoutError):
-        connection.disconnect()  # Redis restarted or the socket died: reconnect, send once more
-        connection.send_packed_command(packed)
+    packed = connection.pack_commands(commands)
+    for attempt in (1, 2):
+        replies: list[Any] = []
+        size = 0
+        try:
+            connection.send_packed_command(packed)
+            for _ in commands:
+                try:
+                    reply = connection.read_response()
+                except ResponseError as error:
+                    reply = error
+                size += _reply_size(reply)
+                if size > max_bytes:
+                    raise ReadTooLargeError(size=size, limit=max_bytes)
+                replies.append(reply)
+            return replies
+        except (ConnectionError, TimeoutError):
+            connection.disconnect()  # Redis restarted or the socket died: reconnect, send once more
+            if attempt == 2:
+                raise
+        except BaseException:
+            connection.disconnect()  # replies left unread: the connection is out of step
+            raise
+    raise AssertionError("unreachable")
 
 
 def _reply_size(reply: Any) -> int:
@@ -421,6 +420,51 @@ def store(entry: StoredEntry) -> tuple[bool, bool, str]:
     """Store unless a newer version is there. Returns (stored, is_new, created_at)."""
     stored, is_new, created = STORE_ENTRY([entry_key(entry.key)], store_args(entry))
     return bool(stored), bool(is_new), _text(created)
+
+
+def store_many(entries: list[StoredEntry], *, force: bool = False) -> list[bool | ResponseError]:
+    """Store a batch in one round trip (rehydration); for each entry, whether it was stored (or
+    Redis's error reply for it). The same version-guarded script as :func:`store`; with ``force``
+    the Redis copy is deleted first, so the entry replaces whatever was there."""
+    if not entries:
+        return []
+    commands: list[tuple[Any, ...]] = []
+    for entry in entries:
+        if force:
+            commands.append(("DEL", entry_key(entry.key)))
+        commands.append(STORE_ENTRY.command([entry_key(entry.key)], store_args(entry)))
+    replies = round_trip(*commands, scripts=(STORE_ENTRY,))
+    if force:
+        replies = [
+            delete if isinstance(delete, ResponseError) else stored
+            for delete, stored in zip(replies[::2], replies[1::2], strict=True)
+        ]
+    return [reply if isinstance(reply, ResponseError) else bool(reply[0]) for reply in replies]
+
+
+@dataclass(frozen=True)
+class Held:
+    """What Redis holds for a key: nothing (version None), an entry, or a tombstone."""
+
+    version: int | None
+    tombstone: bool = False
+
+    @property
+    def live(self) -> bool:
+        return self.version is not None and not self.tombstone
+
+
+def held_many(keys: list[str]) -> dict[str, Held]:
+    """One round trip: the version Redis holds for each key, and whether it is a tombstone (the
+    console's "in Redis" column). A stale marker holds no entry: not held."""
+    if not keys:
+        return {}
+    replies = round_trip(*(("HMGET", entry_key(key), "v", "t", "e") for key in keys))
+    held = {}
+    for key, reply in zip(keys, replies, strict=True):
+        version, tombstone, stale = checked(reply)
+        held[key] = Held(None if version is None or stale is not None else int(version), tombstone is not None)
+    return held
 
 
 def store_tombstone(key: str, *, version: int, ttl_ms: int) -> bool:

@@ -16,7 +16,7 @@ from django.db.models import QuerySet
 from redis.exceptions import ResponseError
 
 from persistence import redis_store
-from persistence.keys import KEY_RULE, entry_key, is_valid_key
+from persistence.keys import KEY_RULE, is_valid_key
 from persistence.models import CacheEntry
 from persistence.redis_store import StoredEntry
 from persistence.selectors import live_entries, stored_entry_from_row
@@ -136,36 +136,13 @@ def _entry(row: CacheEntry) -> StoredEntry:
     return stored_entry_from_row(row)
 
 
-def _store_chunk(entries: list[StoredEntry], *, force: bool) -> list[bool | ResponseError]:
-    """Store a chunk in one round trip; for each entry, whether it was stored (or Redis's error
-    reply for that entry).
-
-    The same version-guarded script as :func:`redis_store.store`, all sent in one write: one call per row
-    made a million-row rehydration take minutes of round trips.
-    """
-    if not entries:
-        return []
-    commands: list[tuple[object, ...]] = []
-    for entry in entries:
-        if force:
-            commands.append(("DEL", entry_key(entry.key)))
-        commands.append(redis_store.STORE_ENTRY.command([entry_key(entry.key)], redis_store.store_args(entry)))
-    replies = redis_store.round_trip(*commands, scripts=(redis_store.STORE_ENTRY,))
-    if force:
-        replies = [
-            delete if isinstance(delete, ResponseError) else store
-            for delete, store in zip(replies[::2], replies[1::2], strict=True)
-        ]
-    return [reply if isinstance(reply, ResponseError) else bool(reply[0]) for reply in replies]
-
-
 def cache_entries_rehydrate(
     *,
     keys: Iterable[str] | None = None,
     prefix: str | None = None,
     force: bool = False,
     chunk_size: int = 1000,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,  # what it returns is ignored (tqdm's update: a bool)
     report: Callable[[RehydrationResult], None] | None = None,
 ) -> RehydrationResult:
     """Put live rows (all, the given keys, and/or those whose key starts with ``prefix``) into Redis.
@@ -191,7 +168,7 @@ def cache_entries_rehydrate(
                 entries.append(_entry(row))
             except Exception as error:
                 result.fail(row.key, _reason(error))
-        for entry, stored in zip(entries, _store_chunk(entries, force=force), strict=True):
+        for entry, stored in zip(entries, redis_store.store_many(entries, force=force), strict=True):
             if isinstance(stored, ResponseError):
                 result.fail(entry.key, f"Redis refused it: {stored}")
             elif stored:

@@ -14,6 +14,7 @@ and the row is put back in Redis with the TTL it has left.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -28,6 +29,7 @@ from django.conf import settings
 from django.db import DatabaseError
 from redis.exceptions import RedisError
 
+from birbnest.metrics import CACHE_HITS, CACHE_MISSES
 from persistence import jetstream, redis_store, selectors
 from persistence.errors import (
     BatchTooLargeError,
@@ -419,15 +421,19 @@ def _get(key: str) -> tuple[StoredEntry | None, bool]:
     return _misses.do(key, lambda: _load_from_db(key)), False
 
 
-def cache_entry_get_counted(*, key: str) -> tuple[StoredEntry | None, bool]:
-    """Like :func:`cache_entry_get`, also telling whether Redis answered (for hit metrics)."""
-    return _get(key)
+def cache_entry_read(*, key: str) -> StoredEntry | None:
+    """A client's read (``GET /v1/cache/{key}``): :func:`cache_entry_get`, counted as a cache hit
+    when Redis answered (an entry or a tombstone) and as a miss when PostgreSQL was asked."""
+    entry, hit = _get(key)
+    (CACHE_HITS if hit else CACHE_MISSES).inc()
+    return entry
 
 
 def cache_entries_get_many(
     *, keys: list[str], max_bytes: int | None = None
 ) -> tuple[dict[str, StoredEntry], list[str], int]:
     """(found entries, missing keys, Redis hits) for a batch; misses read through one by one.
+    Each key is counted once, as a cache hit or a miss.
 
     With ``max_bytes``, :class:`BatchTooLargeError` is raised as soon as the entries found hold
     more value and metadata text than that: the answer is refused, not truncated, and never
@@ -449,7 +455,7 @@ def cache_entries_get_many(
         if isinstance(item, StoredEntry):
             found[key] = item
             hits += 1
-        elif item is not TOMBSTONE and (entry := _misses.do(key, lambda key=key: _load_from_db(key))) is not None:
+        elif item is not TOMBSTONE and (entry := _misses.do(key, functools.partial(_load_from_db, key))) is not None:
             found[key] = entry
         else:
             missing.append(key)
@@ -457,4 +463,8 @@ def cache_entries_get_many(
         size += len(found[key].value_json) + len(found[key].metadata_json)
         if max_bytes is not None and size > max_bytes:
             raise BatchTooLargeError(size=size, limit=max_bytes)
+    if hits:
+        CACHE_HITS.inc(hits)
+    if len(unique) > hits:
+        CACHE_MISSES.inc(len(unique) - hits)
     return found, missing, hits

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected as django_delete_selected
+from django.contrib.admin.models import LogEntry
 from django.contrib.admin.options import ShowFacets
 from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import EmptyPage, PageNotAnInteger, Paginator
@@ -46,7 +46,7 @@ from redis.exceptions import RedisError
 
 from persistence import redis_store
 from persistence.errors import KeyNotFoundError, PayloadTooLargeError, ServiceUnavailableError, VersionMismatchError
-from persistence.keys import KEY_RULE, entry_key, is_valid_key
+from persistence.keys import KEY_RULE, is_valid_key
 from persistence.models import CacheEntry, JSONText
 from persistence.redis_store import StoredEntry
 from persistence.rehydration import cache_entries_rehydrate
@@ -65,31 +65,12 @@ _NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 # --- Redis state of a page of keys -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RedisCopy:
-    """What Redis holds for a key: nothing (version None), an entry, or a tombstone."""
-
-    version: int | None
-    tombstone: bool = False
-
-    @property
-    def live(self) -> bool:
-        return self.version is not None and not self.tombstone
+RedisCopy = redis_store.Held
 
 
 def redis_copies(keys: list[str]) -> dict[str, RedisCopy]:
-    """One pipelined round trip: the Redis version (and tombstone flag) of every key."""
-    if not keys:
-        return {}
-    pipe = redis_store.client().pipeline(transaction=False)
-    for key in keys:
-        pipe.hmget(entry_key(key), "v", "t", "e")
-    copies = {}
-    for key, (version, tombstone, stale) in zip(keys, pipe.execute(), strict=True):
-        # a stale marker (see persistence.redis_store) holds no entry: not in Redis
-        held = None if version is None or stale is not None else int(version)
-        copies[key] = RedisCopy(held, tombstone is not None)
-    return copies
+    """One round trip: what Redis holds for every key (``redis_store`` owns the hash's layout)."""
+    return redis_store.held_many(keys)
 
 
 # --- counting without COUNT(*) over the table ------------------------------------------------
@@ -111,7 +92,7 @@ class CacheEntryPaginator(Paginator):
 
     @cached_property
     def count(self) -> int:
-        queryset = self.object_list
+        queryset = cast("QuerySet[CacheEntry]", self.object_list)  # the changelist pages a QuerySet
         if not queryset.query.where:
             estimate = _estimated_rows(queryset.model._meta.db_table)
             if estimate > COUNT_CAP:
@@ -134,7 +115,8 @@ class CacheEntryPaginator(Paginator):
     def page(self, number: Any) -> Any:
         number = self.validate_number(number)
         bottom = (number - 1) * self.per_page
-        return self._get_page(self.object_list[bottom : bottom + self.per_page], number, self)
+        # _get_page: the hook Paginator.page() builds its Page with; django-stubs leaves the private name out.
+        return self._get_page(self.object_list[bottom : bottom + self.per_page], number, self)  # type: ignore[attr-defined]
 
 
 # --- filters ---------------------------------------------------------------------------------
@@ -311,8 +293,13 @@ def _current(key: str, row: CacheEntry | None) -> StoredEntry | None:
         cached = None
     if isinstance(cached, StoredEntry):
         return cached
-    live_row = row is not None and row.pk and not row.deleted and row.value is not None
-    if live_row and (row.expires_at is None or row.expires_at > timezone.now()):
+    if (
+        row is not None
+        and row.pk
+        and not row.deleted
+        and row.value is not None
+        and (row.expires_at is None or row.expires_at > timezone.now())
+    ):
         return stored_entry_from_row(row)
     return None
 
@@ -484,16 +471,19 @@ class CacheEntryAdmin(admin.ModelAdmin):
         # The scan position of the "in Redis" filter is ours: the ChangeList would take an
         # unknown parameter for a field lookup.
         if SCAN_VAR in request.GET:
-            request.GET = request.GET.copy()
+            query = request.GET.copy()
+            scan_from = query.pop(SCAN_VAR)[-1]
+            # django-stubs types request.GET as the immutable QueryDict Django builds; a view may replace it.
+            request.GET = query  # type: ignore[assignment]
             try:
-                request.birb_scan_from = int(request.GET.pop(SCAN_VAR)[-1])  # type: ignore[attr-defined]
+                request.birb_scan_from = int(scan_from)  # type: ignore[attr-defined]
             except ValueError:
                 request.birb_scan_from = 0  # type: ignore[attr-defined]
         response = super().changelist_view(request, extra_context)
         cl = (getattr(response, "context_data", None) or {}).get("cl")
-        if getattr(cl, "redis_error", ""):
+        if redis_error := getattr(cl, "redis_error", ""):
             messages.warning(
-                request, f"Redis did not answer: the 'in Redis' column and filter are not applied ({cl.redis_error})."
+                request, f"Redis did not answer: the 'in Redis' column and filter are not applied ({redis_error})."
             )
         return response
 
@@ -680,9 +670,9 @@ class CacheEntryAdmin(admin.ModelAdmin):
             return HttpResponseRedirect(request.path)
         return super().response_change(request, obj)
 
-    def log_deletions(self, request: HttpRequest, queryset: Any) -> None:
+    def log_deletions(self, request: HttpRequest, queryset: Any) -> list[LogEntry]:
         # Django logs before deleting; ours can fail, so delete_model / the action log after.
-        pass
+        return []
 
     def delete_model(self, request: HttpRequest, obj: CacheEntry) -> None:
         try:
@@ -693,7 +683,8 @@ class CacheEntryAdmin(admin.ModelAdmin):
         except ServiceUnavailableError as error:
             _write_failed(request, f"Not deleted: {error.message} ({error.details}).")
             return
-        super().log_deletions(request, [obj])
+        # A list, as Django's own delete_view passes; django-stubs asks for a QuerySet.
+        super().log_deletions(request, [obj])  # type: ignore[arg-type]
         messages.info(
             request,
             f"“{obj.key}” is deleted as of version {version}: Redis holds a tombstone now, and the worker "
@@ -722,7 +713,7 @@ class CacheEntryAdmin(admin.ModelAdmin):
             except ServiceUnavailableError as error:
                 failed[row.key] = error.message
         if deleted:
-            super().log_deletions(request, deleted)
+            super().log_deletions(request, deleted)  # type: ignore[arg-type]  # a list, as in delete_model
             self.message_user(
                 request,
                 f"Deleted {len(deleted)} entries (tombstones in Redis now; in PostgreSQL once the worker ran).",

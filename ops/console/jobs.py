@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.conf import settings
 from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
 from django.utils import timezone
-from redis.exceptions import RedisError
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
 from ops.models import RehydrationJob
 from persistence import redis_store
-from persistence.keys import KEY_RULE
+from persistence.keys import KEY_RULE, redis_key
 from persistence.rehydration import RehydrationResult, cache_entries_rehydrate, count_live
 
 logger = logging.getLogger(__name__)
@@ -269,13 +268,9 @@ def run_pending_jobs(
 
 # --- the runner process ----------------------------------------------------------------------
 
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
 
 def _runner_lock_key() -> str:
-    # Next to the service's own keys under REDIS_KEY_PREFIX (persistence.keys builds those).
-    return f"{settings.BIRB.redis_key_prefix}ops:jobs-runner"
+    return redis_key("ops", "jobs-runner")
 
 
 def runner_alive() -> bool | None:
@@ -287,16 +282,17 @@ def runner_alive() -> bool | None:
 
 
 class RunnerLock:
-    """At most one runner at a time: a Redis key holding this runner's token, renewed while it
-    lives and gone ``LOCK_TTL_MS`` after it dies."""
+    """At most one runner at a time: redis-py's lock (a key holding this runner's token),
+    renewed while the runner lives and gone ``LOCK_TTL_MS`` after it dies."""
 
     def __init__(self) -> None:
         self.key = _runner_lock_key()
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lock = redis_store.client().lock(self.key, timeout=LOCK_TTL_MS / 1000, thread_local=False)
         self.last_renew = 0.0
 
     def acquire(self) -> bool:
-        if redis_store.client().set(self.key, self.token, nx=True, px=LOCK_TTL_MS):
+        if self.lock.acquire(blocking=False, token=self.token):
             self.last_renew = time.monotonic()
             return True
         return False
@@ -305,15 +301,18 @@ class RunnerLock:
         """Keep the lock (throttled); a lock lost meanwhile (Redis flushed) is taken again."""
         if time.monotonic() - self.last_renew < LOCK_RENEW_INTERVAL:
             return
-        client = redis_store.client()
-        if not client.eval(_RENEW, 1, self.key, self.token, LOCK_TTL_MS) and not self.acquire():
-            logger.error("the job runner lock %s is held by another runner (%s)", self.key, client.get(self.key))
+        try:
+            self.lock.reacquire()
+        except LockNotOwnedError:
+            if not self.acquire():
+                holder = redis_store.client().get(self.key)
+                logger.error("the job runner lock %s is held by another runner (%s)", self.key, holder)
         self.last_renew = time.monotonic()
 
     def release(self) -> None:
         try:
-            redis_store.client().eval(_RELEASE, 1, self.key, self.token)
-        except RedisError as error:
+            self.lock.release()
+        except (LockError, RedisError) as error:
             logger.warning("could not release the job runner lock (it expires by itself): %s", error)
 
 

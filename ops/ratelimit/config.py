@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from redis.exceptions import RedisError
 
 from ops.models import RateLimitClient, RateLimitSettings
 from persistence import redis_store
+from persistence.keys import redis_key
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,12 @@ SETTINGS_PK = 1
 REFRESH_SECONDS = 0.5
 
 
-# While one request re-reads a stale config, the others wait this long for it (one Redis GET)
-# rather than apply the old one; only a Redis that does not answer makes them go on without it.
-REFRESH_WAIT_SECONDS = 0.25
+# While one request re-reads a stale config, the others wait for it (one Redis GET) rather than
+# apply the old one. The GET itself gives up after the Redis socket timeout (2 s), so this only
+# has to outlast that: only a Redis that does not answer makes them go on without it. (A quarter
+# of a second was too short on a busy 2-core machine: a request of a burst applied the previous
+# limit while the refresher waited for the CPU.)
+REFRESH_WAIT_SECONDS = 2.5
 
 
 # After a failed rebuild from PostgreSQL, do not try again (on the request path) for this long.
@@ -98,7 +101,7 @@ DEFAULT_CONFIG = RateLimitConfig()
 
 
 def config_key() -> str:
-    return f"{settings.BIRB.redis_key_prefix}ratelimit:config"
+    return redis_key("ratelimit", "config")
 
 
 class _ThrottledLog:
@@ -131,7 +134,7 @@ class _ConfigCache:
 
     def __init__(self) -> None:
         self.config = DEFAULT_CONFIG
-        self.raw: bytes | None = None
+        self.raw: bytes | str | None = None  # redis-py types replies as either
         self.fresh_until = 0.0
         self.rebuild_after = 0.0
         self.lock = threading.Lock()
@@ -149,7 +152,7 @@ class _ConfigCache:
                 self.lock.release()
         return self.config
 
-    def apply(self, raw: bytes) -> None:
+    def apply(self, raw: bytes | str) -> None:
         if raw == self.raw:
             return
         try:
@@ -177,12 +180,12 @@ class _ConfigCache:
                 return
         self.apply(raw)
 
-    def _rebuild(self, now: float) -> bytes | None:
+    def _rebuild(self, now: float) -> bytes | str | None:
         """Redis lost the config: compile it from PostgreSQL and store it unless someone was faster."""
         if now < self.rebuild_after:
             return None
         try:
-            raw = ratelimit_settings_get().to_json()
+            raw: bytes | str = ratelimit_settings_get().to_json()
         except Exception as error:  # PostgreSQL down or worse: never fail a request over this
             self.rebuild_after = now + REBUILD_BACKOFF_SECONDS
             _warnings.warning(

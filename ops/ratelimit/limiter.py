@@ -7,12 +7,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from django.conf import settings
 from redis.exceptions import RedisError
 
 from ops.models import RateLimitSettings
 from ops.ratelimit.config import RateLimitConfig, _warnings
 from persistence import redis_store
+from persistence.keys import redis_key
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def counter_key_base(client: str) -> str:
     the braces (a Redis Cluster hash tag) keep one client's windows in one slot.
     """
     digest = hashlib.blake2b(client.encode(), digest_size=12).hexdigest()
-    return f"{settings.BIRB.redis_key_prefix}ratelimit:c:{{{digest}}}"
+    return redis_key("ratelimit", "c", f"{{{digest}}}")
 
 
 def _window_keys(client: str, window: int, now_ms: int) -> tuple[str, str, int]:
