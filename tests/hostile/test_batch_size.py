@@ -68,3 +68,19 @@ def test_a_batch_under_the_cap_is_answered_whole(api) -> None:
     assert response.status_code == 200, response.content[:300]
     body = response.json()
     assert sorted(body["entries"]) == sorted(keys) and body["missing"] == []
+
+
+def test_a_batch_get_after_a_redis_restart_reads_redis_again(api, servers) -> None:
+    if not servers.owns("redis"):
+        pytest.skip("needs a Redis server of this run's own to restart")
+    keys = store_big_entries(3, 1000)
+    assert httpx.post(f"{api.url}/v1/cache/batch/get", json={"keys": keys}).json()["missing"] == []
+    # given Redis restarted (empty: the tests run it without persistence) under the API's connections
+    servers.stop("redis")
+    servers.start("redis")
+    keys = store_big_entries(3, 1000)
+    # when a batch get comes, on the API's old connection (the first use of each request thread's)
+    for _ in range(20):
+        body = httpx.post(f"{api.url}/v1/cache/batch/get", json={"keys": keys}).json()
+        # then it reads the entries from Redis, not 'missing' as a fall-back to PostgreSQL would
+        assert sorted(body["entries"]) == sorted(keys) and body["missing"] == [], body["missing"]
