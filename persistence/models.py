@@ -7,9 +7,7 @@ from typing import Any
 import orjson
 from django.db import models
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.backends.signals import connection_created
 from django.db.models.lookups import Exact
-from django.dispatch import receiver
 from psycopg.adapt import Buffer, Loader
 from psycopg.types.json import Json
 
@@ -54,7 +52,7 @@ class JSONTextField(models.Field):
     ``json`` keeps its input text verbatim (``jsonb`` rewrites numbers -- ``1e20`` becomes
     ``100000000000000000000``, ``-0.0`` becomes ``0`` -- and reorders object keys), so the text the
     API wrote is the text a read-through or a rehydration serves. Rows load as :class:`JSONText`
-    (the connection's loader for ``json`` hands over the bytes, see :func:`_load_json_as_text`).
+    (the connection's loader for ``json`` hands over the bytes, see :func:`load_json_as_text`).
     A value to store is a ``JSONText`` or ``bytes`` (JSON text, stored as it is) or any other
     Python value (encoded with orjson); ``None`` is SQL NULL. ``exact`` compares by meaning
     (``jsonb`` equality); ``json`` has no ``=`` of its own.
@@ -112,9 +110,10 @@ class _JSONTextLoader(Loader):
         return bytes(data)
 
 
-@receiver(connection_created, dispatch_uid="persistence.load_json_as_text")
-def _load_json_as_text(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
-    """psycopg decodes ``json`` into Python objects by default (Django replaces the loader only
+def load_json_as_text(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
+    """Receiver of ``connection_created`` (connected in ``PersistenceConfig.ready()``).
+
+    psycopg decodes ``json`` into Python objects by default (Django replaces the loader only
     for ``jsonb``); :class:`JSONTextField` wants the text. Per connection (pooled ones too), so
     no other psycopg connection of the process is changed."""
     if connection.vendor == "postgresql":
