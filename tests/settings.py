@@ -3,11 +3,16 @@
 The servers' URLs are filled in by tests/conftest.py once the session's servers are up.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # A run of its own: never read the stack.env that `make run` wrote for the developer's servers.
-os.environ.setdefault("BIRB_DATA_DIR", tempfile.mkdtemp(prefix="birb-test-data-"))
+# Made (and removed at exit) only by the process that sets it; the processes a test starts inherit it.
+if not os.environ.get("BIRB_DATA_DIR"):
+    os.environ["BIRB_DATA_DIR"] = tempfile.mkdtemp(prefix="birb-test-data-")
+    atexit.register(shutil.rmtree, os.environ["BIRB_DATA_DIR"], ignore_errors=True)
 os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
 
 from birbnest.settings import *  # noqa: F403
