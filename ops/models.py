@@ -102,3 +102,32 @@ class Console(models.Model):
         managed = False
         default_permissions = ()
         permissions = [("view_dashboard", "Can view the live dashboard")]
+
+
+class ApiKey(models.Model):
+    """A key for ``/v1/`` and ``/admin/ratelimit``: only its keyed hash is stored.
+
+    The full key (``<public_id>_<secret>``) is shown once, when it is made. ``public_id``
+    (``bn_`` and 8 hex digits) names it in lists, logs and metrics; it is not a secret.
+    """
+
+    SCOPES = ("read", "write", "delete", "admin")
+
+    name = models.CharField(max_length=100, unique=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    public_id = models.CharField(max_length=16, unique=True, editable=False)
+    key_hash = models.CharField(max_length=64, editable=False)
+    scopes = models.JSONField(default=list, help_text="read, write, delete, admin")
+    key_prefixes = models.JSONField(default=list, blank=True, help_text="cache-key prefixes it is confined to")
+    rate_limit = models.PositiveIntegerField(null=True, blank=True, help_text="overrides the global limit")
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.public_id})"
