@@ -7,6 +7,8 @@ error line, exit code 2). Variables that are unset are filled first from ``.env`
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import dj_database_url
 
 from birbnest.env import BASE_DIR, exit_on_config_error, load_config, load_env_files
@@ -36,6 +38,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    # Login throttling of the console (django-axes): failed attempts and lockouts, in the admin.
+    "axes",
     # After `persistence`: Channels ships a `runworker` too; ours must win (tests check it).
     "channels",
 ]
@@ -53,6 +57,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: answers a locked-out login attempt (429) before it is tried.
+    "axes.middleware.AxesMiddleware",
 ]
 # What `/v1/` runs instead (birbnest/wsgi.py): the API does not use sessions, CSRF, users,
 # messages or static files. Plain callables only (no process_view hooks).
@@ -118,6 +124,19 @@ CACHES = {
     }
 }
 
+# The console's login is throttled (django-axes): after AXES_FAILURE_LIMIT wrong passwords for one
+# username, or from one address (REMOTE_ADDR; forwarded-for headers are not trusted), further
+# attempts are refused with 429 for AXES_COOLOFF_TIME, or until an operator resets them in the
+# admin ("Access attempts") or with `manage.py axes_reset`. A success clears the user's count.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = 5
+AXES_COOLOFF_TIME = timedelta(minutes=15)
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -162,5 +181,6 @@ LOGGING = {
         "django.request": {"level": "ERROR"},
         "nats": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+        "axes.apps": {"level": "WARNING"},  # not a line at every command's start
     },
 }
