@@ -167,18 +167,20 @@ class _ConfigCache:
         self.fresh_until = 0.0
 
     def _refresh(self) -> None:
+        # Fresh only once the new copy is in place: requests arriving during the GET must wait
+        # for it (get() sends them to the lock), not take the copy being replaced as fresh.
         now = time.monotonic()
-        self.fresh_until = now + REFRESH_SECONDS
         try:
             raw = redis_store.client().get(config_key())
         except RedisError as error:
             _warnings.warning("rate-limit config not refreshed, Redis unreachable; keeping the last one", error=error)
-            return
-        if raw is None:
-            raw = self._rebuild(now)
+            raw = None
+        else:
             if raw is None:
-                return
-        self.apply(raw)
+                raw = self._rebuild(now)
+        if raw is not None:
+            self.apply(raw)
+        self.fresh_until = time.monotonic() + REFRESH_SECONDS
 
     def _rebuild(self, now: float) -> bytes | str | None:
         """Redis lost the config: compile it from PostgreSQL and store it unless someone was faster."""

@@ -521,6 +521,36 @@ def test_requests_arriving_during_a_refresh_wait_for_it_instead_of_applying_the_
     assert seen == [new]
 
 
+def test_requests_arriving_during_the_refreshs_redis_get_wait_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same race one level down, in the real refresh: while its GET was on the way, the copy
+    # being replaced already counted as fresh, and a request then applied the previous limit.
+    ratelimit_settings_update(enabled=True, limit=20, window=60, algorithm="fixed", by="tests")
+    from persistence import redis_store
+
+    real_client = redis_store.client()
+    in_get = threading.Event()
+
+    class SlowGet:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_client, name)
+
+        def get(self, name: str) -> Any:
+            in_get.set()
+            time.sleep(0.2)  # the GET, slowed down (a busy machine)
+            return real_client.get(name)
+
+    monkeypatch.setattr(redis_store, "client", SlowGet)
+    cache = ratelimit_config._ConfigCache()
+    cache.config = ratelimit.RateLimitConfig(enabled=True, limit=1)  # the previous config
+    seen: list[ratelimit.RateLimitConfig] = []
+    refresher = threading.Thread(target=lambda: seen.append(cache.get()))
+    refresher.start()
+    in_get.wait(5)
+    assert cache.get().limit == 20, "a request during the GET applied the previous config"
+    refresher.join()
+    assert seen[0].limit == 20
+
+
 def test_the_compiled_config_survives_its_json_round_trip() -> None:
     config = ratelimit.RateLimitConfig(
         enabled=True, limit=3, window=9, algorithm="sliding", overrides={"k": 1}, blocked=frozenset({"b"})
