@@ -189,23 +189,35 @@ def _pinned_connection() -> AbstractConnection:
     return connection
 
 
-def _send(commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
+def _send(commands: tuple[tuple[Any, ...], ...], *, max_bytes: int | None = None) -> list[Any]:
+    """Send the commands in one write and read every reply (an error reply as the
+    ``ResponseError``). With ``max_bytes``, :class:`ReadTooLargeError` as soon as the replies hold
+    more text than that, the rest left unread (the connection is dropped)."""
     connection = _pinned_connection()
     packed = connection.pack_commands(commands)
     for attempt in (1, 2):
         try:
             connection.send_packed_command(packed)
             replies: list[Any] = []
+            size = 0
             for _ in commands:
                 try:
-                    replies.append(connection.read_response())
+                    reply = connection.read_response()
                 except ResponseError as error:  # read every reply, or the connection is out of step
-                    replies.append(error)
+                    reply = error
+                if max_bytes is not None:
+                    size += _reply_size(reply)
+                    if size > max_bytes:
+                        raise ReadTooLargeError(size=size, limit=max_bytes)
+                replies.append(reply)
             return replies
         except (ConnectionError, TimeoutError):
             connection.disconnect()  # Redis restarted or the socket died: reconnect, send once more
             if attempt == 2:
                 raise
+        except ReadTooLargeError:
+            connection.disconnect()  # replies left unread: the connection is out of step
+            raise
     raise AssertionError("unreachable")
 
 
@@ -318,36 +330,8 @@ def read_many(keys: list[str], *, max_bytes: int | None = None) -> list[StoredEn
     if max_bytes is None:
         replies = round_trip(*(read_command(key) for key in keys))
     else:
-        replies = _read_bounded([read_command(key) for key in keys], max_bytes)
+        replies = _send(tuple(read_command(key) for key in keys), max_bytes=max_bytes)
     return [entry_from_reply(key, reply) for key, reply in zip(keys, replies, strict=True)]
-
-
-def _read_bounded(commands: list[tuple[Any, ...]], max_bytes: int) -> list[Any]:
-    connection = _pinned_connection()
-    packed = connection.pack_commands(commands)
-    for attempt in (1, 2):
-        replies: list[Any] = []
-        size = 0
-        try:
-            connection.send_packed_command(packed)
-            for _ in commands:
-                try:
-                    reply = connection.read_response()
-                except ResponseError as error:
-                    reply = error
-                size += _reply_size(reply)
-                if size > max_bytes:
-                    raise ReadTooLargeError(size=size, limit=max_bytes)
-                replies.append(reply)
-            return replies
-        except (ConnectionError, TimeoutError):
-            connection.disconnect()  # Redis restarted or the socket died: reconnect, send once more
-            if attempt == 2:
-                raise
-        except BaseException:
-            connection.disconnect()  # replies left unread: the connection is out of step
-            raise
-    raise AssertionError("unreachable")
 
 
 def _reply_size(reply: Any) -> int:

@@ -7,10 +7,13 @@ NATS JetStream: what breaks a process only shows in the process the way it is se
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from tests.conftest import wait_for
 
@@ -45,3 +48,12 @@ def assert_not_stored(base_url: str, key: str) -> None:
     """A refused write left nothing behind: the key reads as absent."""
     response = httpx.get(f"{base_url}/v1/cache/{key}", timeout=10)
     assert_error(response, 404, "NOT_FOUND")
+
+
+@pytest.fixture
+def closing() -> Iterator[list[socket.socket]]:
+    """Sockets a test opens; every one is closed at the end, whatever happened."""
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()

@@ -25,7 +25,6 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import orjson
@@ -115,15 +114,6 @@ def raw_request(url: str, data: bytes, timeout: float = 10) -> httpx.Response:
     with socket.create_connection(address(url), timeout=timeout) as sock:
         sock.sendall(data)
         return read_answer(sock)
-
-
-@pytest.fixture
-def closing() -> Iterator[list[socket.socket]]:
-    """Sockets a test opens; every one is closed at the end, whatever happened."""
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
 
 
 def stored_entry(base_url: str, value: object) -> str:

@@ -71,14 +71,6 @@ def timed_get(url: str) -> float:
     return time.perf_counter() - started
 
 
-@pytest.fixture
-def closing() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
-
-
 def test_a_body_that_never_arrives_is_408_and_closed(slow_api, closing) -> None:
     key = unique_key("slow")
     # given eight clients that announce a body and stop sending it
