@@ -166,6 +166,12 @@ SETTINGS: tuple[Setting, ...] = (
         parse_duration,
         "How long deleted keys keep their version (blocks late older writes).",
     ),
+    Setting(
+        "API_AUTH",
+        "auto",
+        _choice("auto", "required", "off"),
+        "API keys on /v1/: auto (loopback only until a key exists, then required), required, or off.",
+    ),
     Setting("LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"), "Log level."),
     Setting("LOG_FORMAT", "json", _choice("json", "text"), "Log format."),
     Setting("OTEL_TRACES_ENABLED", "false", parse_bool, "Export OpenTelemetry traces (not implemented yet)."),
@@ -209,6 +215,7 @@ class Config:
     worker_liveness_file: str
     write_fallback: str
     tombstone_retention: float
+    api_auth: str
     log_level: str
     log_format: str
     otel_traces_enabled: bool
