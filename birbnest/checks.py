@@ -30,3 +30,46 @@ def check_server_urls(app_configs: Any = None, **kwargs: Any) -> list[checks.Che
                 )
             )
     return errors
+
+
+@checks.register("birbnest")
+def check_https_behind_a_proxy(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """HTTPS_ONLY needs the proxy's word: the API itself only speaks plain HTTP."""
+    config = settings.BIRB
+    if config.https_only and not config.trust_x_forwarded_proto:
+        return [
+            checks.Error(
+                "HTTPS_ONLY is on but TRUST_X_FORWARDED_PROTO is off",
+                hint=(
+                    "the API serves plain HTTP, so without the TLS proxy's X-Forwarded-Proto header every "
+                    "request looks insecure and is redirected to https:// again and again; set "
+                    "TRUST_X_FORWARDED_PROTO=true (with a proxy that sets that header and drops the client's)"
+                ),
+                id="birbnest.E002",
+            )
+        ]
+    return []
+
+
+@checks.register(checks.Tags.security, deploy=True)
+def check_production_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """`check --deploy`, in the variables' own names (Django's warnings name its settings)."""
+    config = settings.BIRB
+    warnings: list[checks.CheckMessage] = []
+    if "*" in config.allowed_hosts:
+        warnings.append(
+            checks.Warning(
+                "ALLOWED_HOSTS is * (any Host header is accepted)",
+                hint="set ALLOWED_HOSTS to the host names clients use, e.g. ALLOWED_HOSTS=birb.example.com",
+                id="birbnest.W001",
+            )
+        )
+    if not config.https_only:
+        warnings.append(
+            checks.Warning(
+                "HTTPS_ONLY is off (no secure cookies, no HSTS, no redirect: security.W004, W008, W012, W016)",
+                hint="behind a TLS proxy set HTTPS_ONLY=true and TRUST_X_FORWARDED_PROTO=true",
+                id="birbnest.W002",
+            )
+        )
+    return warnings

@@ -36,6 +36,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _NATS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ORIGIN = re.compile(r"^https?://[^/\s]+$")
 
 
 def parse_int(name: str, raw: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -87,6 +88,26 @@ def parse_nats_name(name: str, raw: str) -> str:
     if not _NATS_NAME.match(raw):
         raise ConfigError(name, raw, "is not a valid name (1-64 characters from A-Z a-z 0-9 _ -)")
     return raw
+
+
+def parse_hosts(name: str, raw: str) -> tuple[str, ...]:
+    """Host names as Django's ALLOWED_HOSTS takes them: ``birb.example.com``, ``.example.com``, ``*``."""
+    hosts = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for host in hosts:
+        if "://" in host or "/" in host or " " in host:
+            raise ConfigError(name, raw, "is not a comma-separated list of host names (e.g. birb.example.com)")
+    if not hosts:
+        raise ConfigError(name, raw, 'is empty (give host names, or "*" for any)')
+    return hosts
+
+
+def parse_origins(name: str, raw: str) -> tuple[str, ...]:
+    """Origins as Django's CSRF_TRUSTED_ORIGINS takes them: ``https://birb.example.com``."""
+    origins = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for origin in origins:
+        if not _ORIGIN.match(origin):
+            raise ConfigError(name, raw, "is not a comma-separated list of origins (e.g. https://birb.example.com)")
+    return origins
 
 
 @dataclass(frozen=True)
@@ -179,6 +200,38 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("API_DEBUG_PORT", "0", _int(0, 65535), "Profiling endpoint port (0 = off)."),
     Setting("SECRET_KEY", "", _str, "Django secret key; required unless DEBUG is on (`make run` generates one)."),
     Setting("DEBUG", "false", parse_bool, "Django debug mode. Never in production."),
+    Setting(
+        "ALLOWED_HOSTS",
+        "*",
+        parse_hosts,
+        "Host names the API answers to, comma-separated (`*` = any; set your host name in production).",
+    ),
+    Setting(
+        "HTTPS_ONLY",
+        "false",
+        parse_bool,
+        "Served over HTTPS only: secure cookies, HSTS, plain HTTP redirected (except /, /health, /metrics).",
+    ),
+    Setting(
+        "TRUST_X_FORWARDED_PROTO",
+        "false",
+        parse_bool,
+        "Trust the proxy's X-Forwarded-Proto header to tell HTTPS requests (only behind a proxy that sets it).",
+    ),
+    Setting("HSTS_SECONDS", "31536000", _int(0), "Strict-Transport-Security max-age with HTTPS_ONLY (0 = no header)."),
+    Setting("HSTS_INCLUDE_SUBDOMAINS", "true", parse_bool, "HSTS covers subdomains of the API's host name too."),
+    Setting(
+        "CSRF_TRUSTED_ORIGINS",
+        "",
+        parse_origins,
+        "Extra origins the console's forms may come from, comma-separated (a proxy that rewrites Host).",
+    ),
+    Setting(
+        "METRICS_TOKEN",
+        "",
+        _str,
+        "Bearer token /metrics/prometheus asks for (unset = open; /health and the JSON /metrics stay open).",
+    ),
     Setting("BIRB_ENV_FILE", "", _str, "The .env file read at start and by the worker on SIGUSR1 (default ./.env)."),
     Setting("BIRB_DATA_DIR", "", _str, "Where `make run` keeps server data and its URLs (default ./var)."),
     Setting("REDIS_KEY_PREFIX", "birb:", _str, "Prefix of every Redis key the service writes."),
@@ -223,6 +276,13 @@ class Config:
     api_debug_port: int
     secret_key: str
     debug: bool
+    allowed_hosts: tuple[str, ...]
+    https_only: bool
+    trust_x_forwarded_proto: bool
+    hsts_seconds: int
+    hsts_include_subdomains: bool
+    csrf_trusted_origins: tuple[str, ...]
+    metrics_token: str
     birb_env_file: str
     birb_data_dir: str
     redis_key_prefix: str
@@ -253,7 +313,43 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(
             "SECRET_KEY", "", "is required when DEBUG is off (set SECRET_KEY, or DEBUG=true for development)"
         )
+    if not config.debug and _is_known_example_key(config.secret_key):
+        # Only the well-known part is echoed: the rest may be a real project's key.
+        shown = _INSECURE_PREFIX + "…" if config.secret_key.startswith(_INSECURE_PREFIX) else config.secret_key
+        raise ConfigError(
+            "SECRET_KEY",
+            shown,
+            "is a known example or development key, not a secret "
+            f"(generate one: {GENERATE_SECRET_KEY}; or DEBUG=true for development)",
+        )
     return config
+
+
+# settings.py uses it when DEBUG is on and SECRET_KEY unset; it must never sign anything in production.
+DEV_SECRET_KEY = "dev-only-insecure-key-do-not-use-in-production"
+GENERATE_SECRET_KEY = "python3 -c 'import secrets; print(secrets.token_urlsafe(50))'"
+# Keys made by `django-admin startproject` (Django marks them insecure itself), and placeholders that
+# examples and tutorials print, compared without case or punctuation ("CHANGE_ME" is "change-me").
+_INSECURE_PREFIX = "django-insecure-"
+_PLACEHOLDER_KEYS = frozenset(
+    re.sub(r"[^a-z0-9]", "", key)
+    for key in (
+        DEV_SECRET_KEY,
+        "change-me",
+        "changeme",
+        "change-this",
+        "replace-me",
+        "secret",
+        "secret-key",
+        "your-secret-key",
+        "your-secret-key-here",
+        "insecure",
+    )
+)
+
+
+def _is_known_example_key(key: str) -> bool:
+    return key.startswith(_INSECURE_PREFIX) or re.sub(r"[^a-z0-9]", "", key.lower()) in _PLACEHOLDER_KEYS
 
 
 def data_dir_from(environ: Mapping[str, str]) -> Path:

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import dj_database_url
 
-from birbnest.env import BASE_DIR, exit_on_config_error, load_config, load_env_files
+from birbnest.env import BASE_DIR, DEV_SECRET_KEY, exit_on_config_error, load_config, load_env_files
 
 load_env_files()
 with exit_on_config_error():
@@ -22,8 +22,26 @@ SERVICE_NAME = "birb-nest"
 
 DEBUG = BIRB.debug
 # DEBUG without a SECRET_KEY is allowed (load_config refuses it otherwise); use a fixed dev value.
-SECRET_KEY = BIRB.secret_key or "dev-only-insecure-key-do-not-use-in-production"
-ALLOWED_HOSTS = ["*"]
+SECRET_KEY = BIRB.secret_key or DEV_SECRET_KEY
+ALLOWED_HOSTS = list(BIRB.allowed_hosts)
+
+# Production behind a TLS proxy (docs/OPERATIONS.md, "Production settings"): `manage.py check
+# --deploy` is clean with HTTPS_ONLY, TRUST_X_FORWARDED_PROTO and ALLOWED_HOSTS set. The API
+# speaks plain HTTP itself, so the proxy's X-Forwarded-Proto is what tells an HTTPS request.
+if BIRB.trust_x_forwarded_proto:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+CSRF_TRUSTED_ORIGINS = list(BIRB.csrf_trusted_origins)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = BIRB.https_only
+SECURE_SSL_REDIRECT = BIRB.https_only
+# Probes call these over plain HTTP on loopback (compose's healthcheck, a scraper beside the
+# process): they answer there too, and reveal no data (the Prometheus text can ask for a token).
+SECURE_REDIRECT_EXEMPT = [r"^$", r"^health$", r"^metrics$", r"^metrics/prometheus$"]
+SECURE_HSTS_SECONDS = BIRB.hsts_seconds if BIRB.https_only else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = BIRB.hsts_include_subdomains
+# Preload (security.W021) puts a whole registrable domain into the browsers' built-in list; only
+# that domain's owner can ask for it (hstspreload.org), not a service on one of its host names.
+SECURE_HSTS_PRELOAD = False
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 INSTALLED_APPS = [
     # Ours first: Channels also ships a `runworker` command; the first app wins the name.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import time
 from collections.abc import Callable
 
@@ -12,7 +13,7 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from birbnest import metrics
-from birbnest.errors import method_not_allowed
+from birbnest.errors import error_response, method_not_allowed
 from ops import health
 
 STARTED = time.time()
@@ -73,12 +74,38 @@ def _wants_prometheus(request: HttpRequest) -> bool:
 
 @get_only
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    """JSON for humans and jq; Prometheus text when the scraper asks for it."""
+    """JSON for humans and jq (always open); Prometheus text when the scraper asks for it."""
     if _wants_prometheus(request):
-        return prometheus_view(request)
+        return _prometheus(request)
     return json_response(metrics.summary())
 
 
 @get_only
 def prometheus_view(request: HttpRequest) -> HttpResponse:
+    return _prometheus(request)
+
+
+METRICS_REALM = 'Bearer realm="birb-nest-metrics"'
+
+
+def _prometheus(request: HttpRequest) -> HttpResponse:
+    """The Prometheus text, behind METRICS_TOKEN when one is set (by either route to it)."""
+    token = settings.BIRB.metrics_token
+    if token:
+        scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not sent.strip():
+            return error_response(
+                401,
+                "UNAUTHORIZED",
+                "the Prometheus metrics need a bearer token: send Authorization: Bearer <METRICS_TOKEN>",
+                headers={"WWW-Authenticate": METRICS_REALM},
+            )
+        # Constant time: a byte-by-byte compare would tell a prober how much of its guess was right.
+        if not hmac.compare_digest(sent.strip().encode(), token.encode()):
+            return error_response(
+                401,
+                "UNAUTHORIZED",
+                "the bearer token is not METRICS_TOKEN",
+                headers={"WWW-Authenticate": METRICS_REALM + ', error="invalid_token"'},
+            )
     return HttpResponse(metrics.prometheus_text(), content_type="text/plain; version=0.0.4; charset=utf-8")
