@@ -4,7 +4,7 @@ in ``ops/console/`` and ``ops/ratelimit/``."""
 from django.contrib import admin
 
 from ops.access import admin as access_admin  # noqa: F401 - they register their pages
-from ops.console import deadletters, entries, jobs_admin  # noqa: F401
+from ops.console import audit_admin, deadletters, entries, jobs_admin  # noqa: F401
 from ops.ratelimit import admin as ratelimit_admin  # noqa: F401
 
 admin.site.site_header = "Birb Nest console"

@@ -9,8 +9,10 @@ class OpsConfig(AppConfig):
         from django.db.models.signals import post_delete, post_save
 
         from birbnest import checks  # noqa: F401 - registers the system checks
+        from ops.audit import record_command_action
         from ops.models import RateLimitClient, RateLimitSettings
         from ops.ratelimit.services import publish_on_commit
+        from persistence.operator_actions import command_action
 
         # Every change of the rate-limit settings or client rules, however it is made (services,
         # admin, a plain save()), is published to every API process once its transaction commits.
@@ -19,3 +21,6 @@ class OpsConfig(AppConfig):
             post_delete.connect(
                 publish_on_commit, sender=model, dispatch_uid=f"ratelimit-publish-delete-{model.__name__}"
             )
+        # persistence's commands (rehydrate, process_dlq, jetstream) cannot import ops: they
+        # report what they changed with a signal, and the audit log records it.
+        command_action.connect(record_command_action, dispatch_uid="ops-audit-command-action")

@@ -1,4 +1,5 @@
-"""What the operator console stores: rate-limit settings, per-client rules, rehydration jobs.
+"""What the operator console stores: rate-limit settings, per-client rules, rehydration jobs,
+API keys and the audit log of operator actions.
 
 Dead letters live in JetStream, not here; :class:`DeadLetter` and :class:`Console` are
 unmanaged models that exist only to carry the permissions the admin checks.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class RateLimitSettings(models.Model):
@@ -131,3 +133,31 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.public_id})"
+
+
+class AuditEntry(models.Model):
+    """One operator action that changed data or state: who, when, what, from where.
+
+    Written only by :func:`ops.audit.audit_record`. Append-only: no console page or command
+    edits a row; the admin lets only a superuser delete them. ``actor`` is a username,
+    ``cli:<os user>`` for a management command, or ``key:<public id>`` for an API key;
+    ``address`` the client's address (``REMOTE_ADDR``) or ``cli``. Never holds a secret.
+    """
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.CharField(max_length=200, db_index=True)
+    address = models.CharField(max_length=64, blank=True)
+    action = models.CharField(max_length=64, db_index=True, help_text="e.g. entry.edit, deadletter.purge")
+    target = models.TextField(blank=True, help_text="what it acted on: a key, ids, a client")
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        verbose_name = "audit entry"
+        verbose_name_plural = "audit log"
+        # Only "view" is a permission anyone can be given; deleting is for superusers (the admin
+        # checks is_superuser), and no one adds or changes a row.
+        default_permissions = ("view",)
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.target}".rstrip()

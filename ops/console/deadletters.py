@@ -5,6 +5,7 @@ inside the admin (``admin.site.admin_view``: staff login, CSRF, no caching), not
 Permissions are the unmanaged ``ops.DeadLetter`` model's: ``view_deadletter`` to look,
 ``retry_deadletter`` and ``purge_deadletter`` to act. Every action calls
 :mod:`persistence.dead_letters`; purging, and retrying everything, ask for confirmation first.
+What they did goes into the audit log (``deadletter.retry``, ``deadletter.purge``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from ops.audit import audit_items, audit_list, audit_record
 from persistence import dead_letters
 from persistence.streams_admin import JetStreamAdminError
 
@@ -207,6 +209,16 @@ def _confirmation(request: HttpRequest, name: str, spec: dict[str, Any], ids: li
 
 def _retry(request: HttpRequest, ids: list[int] | None) -> None:
     result = dead_letters.dead_letters_retry(ids=ids)
+    audit_record(
+        action="deadletter.retry",
+        target="all" if ids is None else audit_items(ids),
+        details={
+            "retried": len(result.retried),
+            "ids": audit_list(result.retried),
+            "failed": {str(id): reason for id, reason in audit_list(result.failed.items())},
+        },
+        request=request,
+    )
     if result.retried:
         messages.success(
             request,
@@ -221,6 +233,12 @@ def _retry(request: HttpRequest, ids: list[int] | None) -> None:
 
 def _purge(request: HttpRequest, ids: list[int] | None) -> None:
     removed = dead_letters.dead_letters_purge(ids=ids)
+    audit_record(
+        action="deadletter.purge",
+        target="all" if ids is None else audit_items(ids),
+        details={"purged": removed, **({"ids": audit_list(ids)} if ids is not None else {})},
+        request=request,
+    )
     messages.success(request, f"Purged {removed} dead letters.")
     if ids is not None and removed < len(ids):
         messages.warning(request, f"{len(ids) - removed} were already gone (retried or purged meanwhile).")

@@ -2,7 +2,8 @@
 
 Every change goes through the services the HTTP API uses (:mod:`persistence.services`): a new
 version, JetStream, Redis at once, PostgreSQL when the worker runs. Nothing here writes the
-``cache_entries`` table.
+``cache_entries`` table. Each change that took effect goes into the audit log
+(``entry.create``, ``entry.edit``, ``entry.delete``, ``entry.rehydrate``, ``entry.evict``).
 
 The list is built for a million rows:
 
@@ -44,6 +45,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 from redis.exceptions import RedisError
 
+from ops.audit import audit_items, audit_list, audit_record
 from persistence import redis_store
 from persistence.errors import KeyNotFoundError, PayloadTooLargeError, ServiceUnavailableError, VersionMismatchError
 from persistence.keys import KEY_RULE, is_valid_key
@@ -646,6 +648,12 @@ class CacheEntryAdmin(admin.ModelAdmin):
                 f"broker accepts {error.limit}. Nothing was changed.",
             )
             return
+        audit_record(
+            action="entry.edit" if change else "entry.create",
+            target=obj.key,
+            details={"version": result.entry.version, "ttl": data.get("ttl"), "if_match": if_match},
+            request=request,
+        )
         messages.info(
             request,
             f"Version {result.entry.version} of “{obj.key}” is durable in JetStream and served from Redis now; "
@@ -685,6 +693,7 @@ class CacheEntryAdmin(admin.ModelAdmin):
             return
         # A list, as Django's own delete_view passes; django-stubs asks for a QuerySet.
         super().log_deletions(request, [obj])  # type: ignore[arg-type]
+        audit_record(action="entry.delete", target=obj.key, details={"version": version}, request=request)
         messages.info(
             request,
             f"“{obj.key}” is deleted as of version {version}: Redis holds a tombstone now, and the worker "
@@ -714,6 +723,13 @@ class CacheEntryAdmin(admin.ModelAdmin):
                 failed[row.key] = error.message
         if deleted:
             super().log_deletions(request, deleted)  # type: ignore[arg-type]  # a list, as in delete_model
+            deleted_keys = [row.key for row in deleted]
+            audit_record(
+                action="entry.delete",
+                target=audit_items(deleted_keys),
+                details={"count": len(deleted_keys), "keys": audit_list(deleted_keys)},
+                request=request,
+            )
             self.message_user(
                 request,
                 f"Deleted {len(deleted)} entries (tombstones in Redis now; in PostgreSQL once the worker ran).",
@@ -765,6 +781,21 @@ class CacheEntryAdmin(admin.ModelAdmin):
         except RedisError as error:
             self.message_user(request, f"Nothing rehydrated: Redis did not answer ({error}).", messages.ERROR)
             return
+        keys = [key for (key,) in rows]
+        audit_record(
+            action="entry.rehydrate",
+            target=audit_items(keys),
+            details={
+                "count": len(keys),
+                "keys": audit_list(keys),
+                "force": force,
+                "loaded": result.loaded,
+                "skipped": result.skipped_present,
+                "missing": result.missing,
+                "failed": result.failed,
+            },
+            request=request,
+        )
         parts = [f"Rehydrated {result.loaded} entries into Redis"]
         if result.skipped_present:
             parts.append(f"{result.skipped_present} left alone: Redis already has them at the same or a newer version")
@@ -794,6 +825,13 @@ class CacheEntryAdmin(admin.ModelAdmin):
             return
         absent = sum(1 for key, _ in rows if copies[key].version is None)
         kept = len(rows) - absent - evicted
+        keys = [key for key, _ in rows]
+        audit_record(
+            action="entry.evict",
+            target=audit_items(keys),
+            details={"count": len(keys), "keys": audit_list(keys), "evicted": evicted, "kept": kept, "absent": absent},
+            request=request,
+        )
         message = f"Evicted {evicted} entries from Redis; PostgreSQL keeps them and the next read loads them back."
         if absent:
             message += f" {absent} were not in Redis."

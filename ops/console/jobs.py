@@ -29,6 +29,7 @@ from django.db import DatabaseError, IntegrityError, close_old_connections, tran
 from django.utils import timezone
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
+from ops.audit import audit_record_command
 from ops.models import RehydrationJob
 from persistence import redis_store
 from persistence.keys import KEY_RULE, redis_key
@@ -364,9 +365,20 @@ def _runner_loop(lock: RunnerLock, *, stop: threading.Event, warm: bool, poll: f
         stop.wait(poll)
 
 
+def job_target(job: RehydrationJob) -> str:
+    """How the audit log names a job."""
+    return f"rehydration job #{job.pk}"
+
+
 def _queue_warm_up() -> None:
     try:
-        job = rehydration_job_start(prefix="", force=False)
+        with transaction.atomic():  # the job and its audit entry commit together
+            job = rehydration_job_start(prefix="", force=False)
+            audit_record_command(
+                action="job.start",
+                target=job_target(job),
+                details={"job_id": job.pk, "prefix": "", "force": False, "warm_up": True},
+            )
     except JobAlreadyRunningError as error:
         logger.info("cache warm-up not queued: %s", error)
     else:

@@ -3,7 +3,8 @@
 The admin only queues the job (:func:`ops.console.jobs.rehydration_job_start`); ``manage.py runjobs``
 runs it outside any web request and writes its progress to the row, which these pages show
 (refreshing every 2 s while a job is active). Starting and cancelling need
-``ops.run_rehydrationjob``; the job rows themselves are read-only.
+``ops.run_rehydrationjob``; the job rows themselves are read-only. A start or a cancel and its
+audit entry (``job.start``, ``job.cancel``) are committed together.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 
+from ops.audit import audit_record
 from ops.console.jobs import (
     InvalidPrefixError,
     JobAlreadyRunningError,
     job_progress,
+    job_target,
     rehydration_job_active,
     rehydration_job_cancel,
     rehydration_job_start,
@@ -182,8 +186,16 @@ class RehydrationJobAdmin(admin.ModelAdmin):
             if scope == "prefix" and not prefix:
                 form.add_error("prefix", "Give the key prefix to rehydrate (or use “Rehydrate all”).")
             else:
+                force = form.cleaned_data["force"]
                 try:
-                    job = rehydration_job_start(prefix=prefix, force=form.cleaned_data["force"], user=request.user)
+                    with transaction.atomic():
+                        job = rehydration_job_start(prefix=prefix, force=force, user=request.user)
+                        audit_record(
+                            action="job.start",
+                            target=job_target(job),
+                            details={"job_id": job.pk, "prefix": prefix, "force": force},
+                            request=request,
+                        )
                 except InvalidPrefixError as error:
                     form.add_error("prefix", str(error))
                 except JobAlreadyRunningError as error:
@@ -212,7 +224,16 @@ class RehydrationJobAdmin(admin.ModelAdmin):
         if job is None:
             messages.error(request, f"No rehydration job {object_id}.")
             return HttpResponseRedirect(self._job_url(None))
-        if rehydration_job_cancel(job=job, user=request.user):
+        with transaction.atomic():
+            cancelled = rehydration_job_cancel(job=job, user=request.user)
+            if cancelled:
+                audit_record(
+                    action="job.cancel",
+                    target=job_target(job),
+                    details={"job_id": job.pk, "was": job.status},
+                    request=request,
+                )
+        if cancelled:
             messages.success(request, f"Rehydration job #{job.pk} cancelled; a running job stops within a second.")
         else:
             messages.warning(request, f"Rehydration job #{job.pk} had already finished.")

@@ -4,6 +4,10 @@ Every save goes through the services of :mod:`ops.ratelimit` or the model signal
 compiled config is published to Redis when the admin's transaction commits, and every API
 process applies it within a second. If Redis is down at that moment the change is kept in
 PostgreSQL and the operator is told to save again, instead of getting an error page.
+
+Every change made here goes into the audit log in the same transaction as the change
+(``ratelimit.change``; ``ratelimit.client_add``/``_change``/``_delete``/``_block``/``_unblock``/
+``_clear``). ``POST /admin/ratelimit`` records its changes in ``ops/ratelimit/api.py``, not here.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 from redis.exceptions import RedisError
 
+from ops.audit import audit_record
 from ops.models import RateLimitClient, RateLimitSettings
 from ops.ratelimit import (
     ratelimit_client_block,
@@ -95,6 +101,21 @@ class RateLimitSettingsAdmin(_ReportsUnpublished):
             algorithm=obj.algorithm,
             by=request.user.get_username(),
         )
+        # In the admin's transaction, with the change (the publish waits for the commit).
+        audit_record(
+            action="ratelimit.change",
+            target="settings",
+            details={
+                "changed": _changes(form),
+                "settings": {
+                    "enabled": obj.enabled,
+                    "limit": obj.limit,
+                    "window": obj.window,
+                    "algorithm": obj.algorithm,
+                },
+            },
+            request=request,
+        )
 
     @admin.display(description="applied by the API processes")
     def in_effect(self, obj: RateLimitSettings) -> str:
@@ -138,39 +159,74 @@ class RateLimitClientAdmin(_ReportsUnpublished):
         except RedisError as error:  # delete_selected publishes when it commits
             return self._unpublished(request, error)
 
+    # -- writes: the change form and delete (in the admin's transaction), and the actions
+
+    def save_model(self, request: HttpRequest, obj: RateLimitClient, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        audit_record(
+            action="ratelimit.client_change" if change else "ratelimit.client_add",
+            target=obj.client,
+            details={"changed": _changes(form), "limit": obj.limit, "blocked": obj.blocked},
+            request=request,
+        )
+
+    def delete_model(self, request: HttpRequest, obj: RateLimitClient) -> None:
+        super().delete_model(request, obj)
+        audit_record(action="ratelimit.client_delete", target=obj.client, request=request)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[RateLimitClient]) -> None:
+        clients = list(queryset.values_list("client", flat=True))
+        super().delete_queryset(request, queryset)
+        for client in clients:
+            audit_record(action="ratelimit.client_delete", target=client, request=request)
+
     @admin.display(description="requests in this window")
     def current_count(self, obj: RateLimitClient) -> str:
         count = getattr(obj, "ratelimit_count", None)
         return "—" if count is None else str(count)
 
-    def _run(self, request: HttpRequest, queryset: QuerySet[RateLimitClient], service: Any) -> list[Any] | None:
+    def _run(
+        self, request: HttpRequest, queryset: QuerySet[RateLimitClient], service: Any, action: str, outcome: str
+    ) -> list[Any] | None:
+        """Run ``service`` for each selected client; ``outcome`` names its result in the audit entry."""
         clients = list(queryset.values_list("client", flat=True))
+        results = []
         try:
-            return [service(client=client) for client in clients]
+            for client in clients:
+                with transaction.atomic():  # the change and its audit entry commit together
+                    result = service(client=client)
+                    audit_record(action=action, target=client, details={outcome: result}, request=request)
+                results.append(result)
         except RedisError as error:
             self.message_user(request, f"Stopped: Redis is unreachable ({error}). Repeat the action.", messages.ERROR)
             return None
+        return results
 
     @admin.action(description="Block selected clients", permissions=["change"])
     def block_selected(self, request: HttpRequest, queryset: QuerySet[RateLimitClient]) -> None:
-        results = self._run(request, queryset, ratelimit_client_block)
+        results = self._run(request, queryset, ratelimit_client_block, "ratelimit.client_block", "changed")
         if results is not None:
             unchanged = len(results) - sum(results)
             self.message_user(request, f"Blocked {sum(results)} client(s); {unchanged} already were.")
 
     @admin.action(description="Unblock selected clients", permissions=["change"])
     def unblock_selected(self, request: HttpRequest, queryset: QuerySet[RateLimitClient]) -> None:
-        results = self._run(request, queryset, ratelimit_client_unblock)
+        results = self._run(request, queryset, ratelimit_client_unblock, "ratelimit.client_unblock", "changed")
         if results is not None:
             unchanged = len(results) - sum(results)
             self.message_user(request, f"Unblocked {sum(results)} client(s); {unchanged} were not blocked.")
 
     @admin.action(description="Clear the request counters of selected clients", permissions=["change"])
     def clear_counters(self, request: HttpRequest, queryset: QuerySet[RateLimitClient]) -> None:
-        results = self._run(request, queryset, ratelimit_client_clear)
+        results = self._run(request, queryset, ratelimit_client_clear, "ratelimit.client_clear", "counters_deleted")
         if results is not None:
             active = sum(1 for deleted in results if deleted)
             self.message_user(
                 request,
                 f"Cleared the counters of {len(results)} client(s) ({active} had requests in the current window).",
             )
+
+
+def _changes(form: Any) -> dict[str, list[Any]]:
+    """The fields the operator changed in the form: ``{name: [before, after]}``."""
+    return {name: [form.initial.get(name), form.cleaned_data.get(name)] for name in form.changed_data}

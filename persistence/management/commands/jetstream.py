@@ -3,6 +3,7 @@
 Parses options, calls :mod:`persistence.streams_admin` and prints aligned text, or JSON with
 ``--json``. Stream and consumer names are used as given (``BIRB_CACHE``, ``BIRB_CACHE_DLQ``);
 where one may be omitted, this deployment's (``BIRB_STREAM``, ``WORKER_CONSUMER_GROUP``) is used.
+``consumer-rm`` and ``ensure`` go into the audit log (``jetstream.consumer_rm``, ``jetstream.ensure``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, DjangoHelpFormatter
 
 from persistence import jetstream, streams_admin
+from persistence.operator_actions import command_action_send
 from persistence.streams_admin import (
     AccountSummary,
     ConsumerSummary,
@@ -174,6 +176,7 @@ class Command(BaseCommand):
                 "until they are restarted; they recreate the consumer at start. [y/N] "
             )
         streams_admin.consumer_delete(stream=stream, consumer=name)
+        command_action_send(action="jetstream.consumer_rm", target=f"{stream} {name}")
         if self._json(options, {"deleted": True, "stream": stream, "consumer": name}):
             return
         self.stdout.write(
@@ -185,6 +188,7 @@ class Command(BaseCommand):
 
     def ensure(self, options: dict[str, Any]) -> None:
         report = streams_admin.streams_ensure()
+        command_action_send(action="jetstream.ensure", target=report.stream, details={"created": report.created})
         if self._json(options, report):
             return
         self._print_ensure(report)

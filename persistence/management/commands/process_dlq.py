@@ -1,4 +1,7 @@
-"""`manage.py process_dlq --list | --show ID | --retry [ID… | --all] | --purge (ID… | --all)`."""
+"""`manage.py process_dlq --list | --show ID | --retry [ID… | --all] | --purge (ID… | --all)`.
+
+Retries and purges go into the audit log (``deadletter.retry``, ``deadletter.purge``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from persistence import dead_letters
+from persistence.operator_actions import action_target, command_action_send
 from persistence.streams_admin import JetStreamAdminError
 
 
@@ -80,7 +84,17 @@ class Command(BaseCommand):
 
     def retry(self, ids: list[int], options: dict[str, Any]) -> None:
         # The runbook's bare `process-dlq --retry` means "everything".
-        result = dead_letters.dead_letters_retry(ids=ids or None if not options["all"] else None)
+        selected = ids or None if not options["all"] else None
+        result = dead_letters.dead_letters_retry(ids=selected)
+        command_action_send(
+            action="deadletter.retry",
+            target="all" if selected is None else action_target(selected),
+            details={
+                "retried": len(result.retried),
+                "ids": result.retried[:100],
+                "failed": {str(id): reason for id, reason in list(result.failed.items())[:100]},
+            },
+        )
         if options["json"]:
             self.stdout.write(json.dumps({"retried": result.retried, "failed": result.failed}))
         else:
@@ -101,6 +115,11 @@ class Command(BaseCommand):
                 self.stdout.write("nothing purged")
                 return
         removed = dead_letters.dead_letters_purge(ids=None if options["all"] else ids)
+        command_action_send(
+            action="deadletter.purge",
+            target="all" if options["all"] else action_target(ids),
+            details={"purged": removed, **({} if options["all"] else {"ids": ids[:100]})},
+        )
         self.stdout.write(f"purged {removed} dead letters")
 
 

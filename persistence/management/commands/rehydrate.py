@@ -1,7 +1,7 @@
 """`manage.py rehydrate KEY… | --all [--force]`: load entries from PostgreSQL into Redis.
 
 Rows that cannot be loaded are listed with the reason after the others are loaded, and the
-command then exits with code 1.
+command then exits with code 1. What it did goes into the audit log (``entry.rehydrate``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from tqdm import tqdm
 
 from persistence.keys import is_valid_key
+from persistence.operator_actions import action_target, command_action_send
 from persistence.rehydration import cache_entries_rehydrate, count_live
 
 
@@ -49,6 +50,18 @@ class Command(BaseCommand):
                 raise CommandError(
                     f"stopped after {bar.n} of {total} entries: PostgreSQL did not answer ({str(error).strip()})"
                 ) from error
+        command_action_send(
+            action="entry.rehydrate",
+            target="all" if selection is None else action_target(selection),
+            details={
+                "count": total,
+                "force": options["force"],
+                "loaded": result.loaded,
+                "skipped": result.skipped_present,
+                "missing": result.missing,
+                "failed": result.failed,
+            },
+        )
         summary = f"rehydrated {result.loaded} entries"
         if result.skipped_present:
             summary += f", {result.skipped_present} already in Redis at the same or a newer version"
