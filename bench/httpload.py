@@ -27,8 +27,9 @@ def percentile(values: list[float], pct: float) -> float:
 class HttpConnection:
     """One keep-alive connection; reconnects by itself after the server closed it."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 10.0, headers: dict[str, str] | None = None) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self.extra_head = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -51,7 +52,7 @@ class HttpConnection:
         if self._writer is None:
             await self._connect()
         assert self._reader is not None and self._writer is not None
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{self.extra_head}"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         self._writer.write(head.encode() + b"\r\n" + (body or b""))
@@ -105,7 +106,13 @@ class LoadResult:
 
 
 async def closed_loop(
-    host: str, port: int, next_request: Callable[[int], Request], *, connections: int, duration: float
+    host: str,
+    port: int,
+    next_request: Callable[[int], Request],
+    *,
+    connections: int,
+    duration: float,
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     """``connections`` clients each sending the next request as soon as the last one answered."""
     latencies: list[float] = []
@@ -114,7 +121,7 @@ async def closed_loop(
     end = began + duration
 
     async def client() -> None:
-        conn = HttpConnection(host, port)
+        conn = HttpConnection(host, port, headers=headers)
         try:
             while time.perf_counter() < end:
                 i = counts["n"]

@@ -52,13 +52,15 @@ CONNECTIONS = 50
 WRK_THREADS = 2
 LAG_RATE = 1_000  # writes/s for the persist lag
 MEASUREMENTS = (
-    "references", "get_hit", "get_hit_limited", "batch_get", "post", "persist_lag", "drain", "get_miss"
+    "references", "get_hit", "get_hit_limited", "get_hit_auth", "batch_get", "post", "persist_lag", "drain",
+    "get_miss",
 )  # fmt: skip
 # The limiter on for GET hit: every wrk connection is one client (127.0.0.1), so one counter
 # takes all the traffic; the limit is never reached.
 LIMITER_ON = {"enabled": True, "limit": 2_000_000_000, "window": 60, "algorithm": "fixed"}
 TARGETS = {
     "get_hit_vs_webdis": 0.10,
+    "get_hit_auth_vs_off": 0.9,
     "get_hit_p99_ms": 15.0,
     "post_rps": 3_000.0,
     "post_p99_ms": 30.0,
@@ -98,7 +100,7 @@ class Service:
     """`manage.py runapi` and `manage.py runworker`, each in a process group of its own."""
 
     def __init__(self, env: dict[str, str], log_dir: Path, api_port: int) -> None:
-        self.env = env
+        self.env = self.base_env = env
         self.log_dir = log_dir
         self.api_port = api_port
         self.api: subprocess.Popen[bytes] | None = None
@@ -139,6 +141,13 @@ class Service:
                 break
             time.sleep(0.1)
         raise RuntimeError(f"API did not start; {self.log_dir / 'api.log'}:\n{_tail(self.log_dir / 'api.log')}")
+
+    def restart_api(self, **env: str) -> None:
+        """Stop the API and start it again with these variables on top of the run's environment."""
+        if self.api is not None:
+            tools.stop_group(self.api)
+        self.env = {**self.base_env, **env}
+        self.start_api()
 
     def start_worker(self) -> None:
         self.worker_log = self.log_dir / f"worker-{self._workers_started}.log"
@@ -308,8 +317,20 @@ class Load:
         self.use_wrk = use_wrk
         self.plan = plan
 
-    def run(self, url: str, script: str, args: list[str], fallback: httpload.Request | Any) -> dict[str, Any]:
+    def run(
+        self,
+        url: str,
+        script: str,
+        args: list[str],
+        fallback: httpload.Request | Any,
+        authorization: str | None = None,
+    ) -> dict[str, Any]:
+        """``authorization``: an Authorization header for every request (wrk's scripts read it from
+        ``BENCH_AUTHORIZATION``, so it stays out of the command line the report shows)."""
         host, port = url.removeprefix("http://").split(":")
+        os.environ.pop("BENCH_AUTHORIZATION", None)
+        if authorization:
+            os.environ["BENCH_AUTHORIZATION"] = authorization
         watch = tools.StarvationWatch(int(port), max(1, round(self.plan.duration)))
         try:
             if self.use_wrk:
@@ -317,13 +338,15 @@ class Load:
                     url, script, args, duration=self.plan.duration, connections=CONNECTIONS, threads=WRK_THREADS
                 )
             else:
+                headers = {"Authorization": authorization} if authorization else None
                 result = asyncio.run(
                     httpload.closed_loop(
-                        host, int(port), fallback, connections=CONNECTIONS, duration=self.plan.duration
+                        host, int(port), fallback, connections=CONNECTIONS, duration=self.plan.duration, headers=headers
                     )
                 ).summary()
                 result["command"] = f"python load generator ({CONNECTIONS} connections; wrk is not installed)"
         finally:
+            os.environ.pop("BENCH_AUTHORIZATION", None)
             result_watch = watch.finish()
         result["server_connections"] = result_watch
         return result
@@ -588,7 +611,7 @@ class Bench:
 
     def birb_http(self, service: Service) -> None:
         url = service.url
-        if not any(self.wanted(name) for name in ("get_hit", "get_hit_limited", "batch_get", "post")):
+        if not any(self.wanted(name) for name in ("get_hit", "get_hit_limited", "get_hit_auth", "batch_get", "post")):
             return
         log(f"writing {HIT_KEYS} keys through the API")
         asyncio.run(_write_keys(url, [f"k{i}" for i in range(HIT_KEYS)]))
@@ -616,6 +639,8 @@ class Bench:
             finally:
                 ratelimit_settings_update(enabled=False, by="bench")
                 time.sleep(REFRESH_SECONDS + 0.3)
+        if self.wanted("get_hit_auth"):
+            self.get_hit_auth(service)
         if self.wanted("batch_get"):
             log(f"batch get of {BATCH_SIZE} keys ({self.plan.duration:g} s)")
             batch = self._http(
@@ -630,11 +655,45 @@ class Bench:
                 service, "post", "post.lua", ["w", str(POST_KEYS), str(VALUE_SIZE)], post_requests("w", POST_KEYS)
             )
 
-    def _http(self, service: Service, name: str, script: str, args: list[str], fallback: Any) -> dict[str, Any]:
+    def get_hit_auth(self, service: Service) -> None:
+        """GET hit with a valid API key (the default API_AUTH=auto once a key exists), then the
+        same with API_AUTH=off (the API restarted), back to back."""
+        from ops.access.keys import apikey_create
+        from ops.models import ApiKey
+        from ops.published import REFRESH_SECONDS
+
+        get = ("get.lua", ["/v1/cache/k", str(HIT_KEYS), str(WRK_THREADS)], get_requests("/v1/cache/k", HIT_KEYS))
+        token = apikey_create(name="bench", scopes=["read"]).token
+        try:
+            time.sleep(REFRESH_SECONDS + 0.3)  # every API process has read it
+            status, _ = tools.http_get(f"{service.url}/v1/cache/k0")
+            if status != 401:
+                raise RuntimeError(f"GET without a key answered {status} once a key existed, not 401")
+            log(f"GET hit with an API key ({self.plan.duration:g} s)")
+            self.results["get_hit_auth"] = self._http(service, "get_hit_auth", *get, authorization=f"Bearer {token}")
+        finally:
+            ApiKey.objects.filter(name="bench").delete()  # published to the API processes on commit
+        log("restarting the API with API_AUTH=off")
+        service.restart_api(API_AUTH="off")
+        try:
+            log(f"GET hit, API_AUTH=off ({self.plan.duration:g} s)")
+            self.results["get_hit_auth_off"] = self._http(service, "get_hit_auth_off", *get)
+        finally:
+            service.restart_api()
+
+    def _http(
+        self,
+        service: Service,
+        name: str,
+        script: str,
+        args: list[str],
+        fallback: Any,
+        authorization: str | None = None,
+    ) -> dict[str, Any]:
         spy = self._start_profile(name, service.api_pids().get("api worker 1"), self.plan.duration - 1)
         before = metrics(service.url)
         cpu = CpuUse(service)
-        result = self.load.run(service.url, script, args, fallback)
+        result = self.load.run(service.url, script, args, fallback, authorization)
         result["cores_used"] = cpu.finish()
         after = metrics(service.url)
         hits = after["cache_hits"] - before["cache_hits"]
@@ -797,6 +856,9 @@ class Bench:
         limited = r.get("get_hit_limited", {})
         if "rps" in limited and "rps" in hit:
             ratios["get_hit_limited_vs_off"] = round(limited["rps"] / hit["rps"], 4)
+        auth, auth_off = r.get("get_hit_auth", {}), r.get("get_hit_auth_off", {})
+        if "rps" in auth and "rps" in auth_off:
+            ratios["get_hit_auth_vs_off"] = round(auth["rps"] / auth_off["rps"], 4)
         if "rps" in r.get("post", {}) and r.get("jetstream_publish", {}).get("rate"):
             ratios["post_vs_publish"] = round(r["post"]["rps"] / r["jetstream_publish"]["rate"], 4)
         drain, bare = r.get("worker_drain", {}), r.get("jetstream_fetch_ack", {})
@@ -848,6 +910,8 @@ def targets(r: dict[str, Any], ratios: dict[str, float]) -> list[dict[str, Any]]
     rows = [
         ("GET hit throughput", f">= {t['get_hit_vs_webdis']:.2f} x Webdis", ratios.get("get_hit_vs_webdis"),
          lambda v: v >= t["get_hit_vs_webdis"], "{:.3f} x"),
+        ("GET hit with an API key", f">= {t['get_hit_auth_vs_off']:g} x the same with API_AUTH=off",
+         ratios.get("get_hit_auth_vs_off"), lambda v: v >= t["get_hit_auth_vs_off"], "{:.2f} x"),
         ("GET hit p99 at 50 connections", f"<= {t['get_hit_p99_ms']:g} ms (every connection answered)",
          r.get("get_hit", {}).get("p99_ms"), lambda v: v <= t["get_hit_p99_ms"] and not unread("get_hit"),
          "{:.1f} ms" + unread_note("get_hit")),
@@ -944,6 +1008,15 @@ def markdown(data: dict[str, Any]) -> str:
         "Birb Nest GET hit, rate limiter on", "get_hit_limited",
         f"{ratios['get_hit_limited_vs_off']:.2f} x limiter off" if "get_hit_limited_vs_off" in ratios else "",
         "fixed window, one client, limit never reached",
+    )  # fmt: skip
+    http_row(
+        "Birb Nest GET hit, valid API key", "get_hit_auth",
+        f"{ratios['get_hit_auth_vs_off']:.2f} x API_AUTH=off" if "get_hit_auth_vs_off" in ratios else "",
+        "Authorization: Bearer, checked in process (the next row is its reference)",
+    )  # fmt: skip
+    http_row(
+        "Birb Nest GET hit, API_AUTH=off", "get_hit_auth_off", "",
+        "reference for the row above: the API restarted without the key check, measured right after it",
     )  # fmt: skip
     miss = r.get("get_miss", {})
     http_row(

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
@@ -238,8 +239,12 @@ def start_webdis(work_dir: Path, redis_port: int, http_port: int) -> Webdis:
 
 
 def http_get(url: str) -> tuple[int, bytes]:
-    with _HTTP.open(url, timeout=5) as response:
-        return response.status, response.read()
+    """(status, body), for error statuses too."""
+    try:
+        with _HTTP.open(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
 
 
 # --- processes ----------------------------------------------------------------------------------

@@ -42,6 +42,11 @@ def json_404(request: HttpRequest, exception: Exception | None = None) -> HttpRe
     return error_response(404, "NOT_FOUND", f"no such endpoint: {request.path}", {"path": request.path})
 
 
+def json_400(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """Django's own 400s (a Host header ALLOWED_HOSTS does not name, a suspicious request)."""
+    return error_response(400, "INVALID_REQUEST", "bad request", None)
+
+
 def json_500(request: HttpRequest) -> HttpResponse:
     return error_response(500, "INTERNAL_ERROR", "internal error", None)
 

@@ -55,7 +55,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     # Login throttling of the console (django-axes): failed attempts and lockouts, in the admin.
     "axes",
     # After `persistence`: Channels ships a `runworker` too; ours must win (tests check it).
@@ -65,6 +64,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # Counts and times every request (cheap: a few multiprocess-safe counters).
     "birbnest.metrics.metrics_middleware",
+    # API keys on /v1/ (API_AUTH), checked in process; the limiter then counts the verified key.
+    "ops.access.middleware.access_middleware",
     # Before anything else that costs: a limited client is answered at once.
     "ops.ratelimit.middleware.ratelimit_middleware",
     "django.middleware.security.SecurityMiddleware",
@@ -82,6 +83,7 @@ MIDDLEWARE = [
 # messages or static files. Plain callables only (no process_view hooks).
 DATA_PLANE_MIDDLEWARE = [
     "birbnest.metrics.metrics_middleware",
+    "ops.access.middleware.access_middleware",
     "ops.ratelimit.middleware.ratelimit_middleware",
     "django.middleware.security.SecurityMiddleware",
 ]

@@ -25,5 +25,6 @@ urlpatterns = [
     re_path(r"^", csrf_exempt(json_404)),
 ]
 
+handler400 = "birbnest.errors.json_400"
 handler404 = "birbnest.errors.json_404"
 handler500 = "birbnest.errors.json_500"

@@ -2,8 +2,8 @@
 
 Two Django handlers share one process, settings, URLconf and views:
 
-- ``/v1/`` (the data plane) runs only ``DATA_PLANE_MIDDLEWARE``: metrics, the rate limiter and
-  the security headers. Sessions, CSRF, authentication, messages and static files serve the
+- ``/v1/`` (the data plane) runs only ``DATA_PLANE_MIDDLEWARE``: metrics, API keys, the rate
+  limiter and the security headers. Sessions, CSRF, authentication, messages and static files serve the
   admin; a cache read does not use them. It also skips Django's ``request_started`` /
   ``request_finished`` signals, whose receivers look at every database and cache connection
   after each request; it returns a PostgreSQL connection to the pool itself, in the rare request
@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import django
 from django.conf import settings
+from django.core.exceptions import MiddlewareNotUsed
 from django.core.handlers.exception import convert_exception_to_response
 from django.core.handlers.wsgi import WSGIHandler, get_script_name
 from django.db import close_old_connections, connection
@@ -51,7 +52,10 @@ class DataPlaneHandler(WSGIHandler):
         # _get_response is BaseHandler's private view caller; django-stubs leaves it out.
         handler = convert_exception_to_response(self._get_response)  # type: ignore[attr-defined]
         for path in reversed(settings.DATA_PLANE_MIDDLEWARE):
-            handler = convert_exception_to_response(import_string(path)(handler))
+            try:
+                handler = convert_exception_to_response(import_string(path)(handler))
+            except MiddlewareNotUsed:  # e.g. the key check with API_AUTH=off
+                continue
         self._middleware_chain = handler
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:

@@ -14,6 +14,7 @@ from django.http import HttpResponse
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from birbnest.principal import require_keys
 from cache_api.serializers import parse_batch_keys, parse_if_match, parse_write, validate_key
 from persistence import services
 from persistence.errors import KeyNotFoundError
@@ -29,9 +30,10 @@ def entry_response(entry: StoredEntry, status: int = 200) -> HttpResponse:
 class LeanApiView(APIView):
     """DRF's view with what the data plane does not use switched off.
 
-    The contract has no authentication on `/v1/` (rate limiting, by API key or address, is the
-    middleware's job), so there are no authenticators, permissions or throttles to run, and
-    one renderer. DRF's exception handling (errors.py) and method dispatch stay.
+    API keys and rate limits are middleware (``ops.access``, ``ops.ratelimit``), which answer
+    before a view runs; a view only confines the request's key to its key prefixes
+    (:func:`birbnest.principal.require_keys`). So there are no DRF authenticators, permissions or
+    throttles to run, and one renderer. DRF's exception handling (errors.py) and method dispatch stay.
     """
 
     authentication_classes: list[Any] = []
@@ -63,6 +65,7 @@ class CacheEntryApi(LeanApiView):
 
     def get(self, request: Request, key: str) -> HttpResponse:
         validate_key(key)
+        require_keys(request, (key,))
         entry = services.cache_entry_read(key=key)
         if entry is None:
             raise KeyNotFoundError(key)
@@ -76,6 +79,7 @@ class CacheEntryApi(LeanApiView):
 
     def _write(self, request: Request, key: str) -> HttpResponse:
         validate_key(key)
+        require_keys(request, (key,))
         if_match = parse_if_match(request.headers.get("If-Match"))
         data = parse_write(request.body, max_value_size=settings.BIRB.max_value_size)
         result = services.cache_entry_set(
@@ -85,6 +89,7 @@ class CacheEntryApi(LeanApiView):
 
     def delete(self, request: Request, key: str) -> HttpResponse:
         validate_key(key)
+        require_keys(request, (key,))
         services.cache_entry_delete(key=key)
         return HttpResponse(status=204)
 
@@ -94,6 +99,7 @@ class CacheEntryBatchGetApi(LeanApiView):
 
     def post(self, request: Request) -> HttpResponse:
         keys = parse_batch_keys(request.body, max_keys=settings.BIRB.max_batch_keys)
+        require_keys(request, keys)
         found, missing, _hits = services.cache_entries_get_many(
             keys=keys, max_bytes=settings.BIRB.max_batch_response_size
         )

@@ -38,7 +38,9 @@ class RateLimitSettings(models.Model):
 class RateLimitClient(models.Model):
     """A client (its IP address) with its own limit, or blocked."""
 
-    client = models.CharField(max_length=255, unique=True, help_text="API key or client IP address")
+    client = models.CharField(
+        max_length=255, unique=True, help_text="an API key's public id (bn_...) or a client IP address"
+    )
     limit = models.PositiveIntegerField(null=True, blank=True, help_text="overrides the default limit")
     blocked = models.BooleanField(default=False)
     note = models.CharField(max_length=255, blank=True)

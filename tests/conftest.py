@@ -210,6 +210,45 @@ def unique_key(name: str = "k") -> str:
     return f"{name}-{uuid.uuid4().hex[:12]}"
 
 
+# --- API keys ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api_keys_removed(transactional_db: Any) -> Iterator[None]:
+    """Every API key is gone again after the test, and every API process knows it: with
+    ``API_AUTH=auto`` a key left behind would make every later test's `/v1/` request need one."""
+    yield
+    from ops.access.keyring import keyring_publish
+    from ops.models import ApiKey
+    from ops.published import REFRESH_SECONDS
+
+    had_keys = ApiKey.objects.exists()
+    ApiKey.objects.all().delete()
+    keyring_publish()
+    if had_keys:
+        time.sleep(REFRESH_SECONDS + 0.1)  # the session's API processes have re-read it
+
+
+@pytest.fixture
+def make_api_key(api_keys_removed: None) -> Any:
+    """``make_api_key(scopes=..., key_prefixes=..., expires_in=..., rate_limit=...)`` → the key.
+
+    The API processes apply it within half a second (``wait_published()`` waits that long)."""
+    from ops.access.keys import apikey_create
+
+    def make(name: str | None = None, **options: Any) -> str:
+        return apikey_create(name=name or unique_key("key"), **options).token
+
+    return make
+
+
+def wait_published() -> None:
+    """Until every API process has re-read the published keys and rate-limit config."""
+    from ops.published import REFRESH_SECONDS
+
+    time.sleep(REFRESH_SECONDS + 0.1)
+
+
 # --- processes -------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-HTTP_FIGURES = ("get_hit", "get_hit_limited", "get_miss", "post", "batch_get")
+HTTP_FIGURES = ("get_hit", "get_hit_limited", "get_hit_auth", "get_hit_auth_off", "get_miss", "post", "batch_get")
 REFERENCES = ("redis_get", "webdis_get")
 
 
@@ -67,6 +67,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     done, data = run_smoke(tmp_path)
     check_figures(data)
     assert "| Birb Nest GET hit |" in done.stdout and "| Birb Nest GET hit, rate limiter on |" in done.stdout
+    assert "| Birb Nest GET hit, valid API key |" in done.stdout
     assert "| target | required | measured |" in done.stdout
     assert sorted(p.name for p in tmp_path.glob("bench-*-smoke.json")), "the timestamped JSON is missing"
 

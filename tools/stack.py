@@ -802,6 +802,8 @@ def _print_summary(config: Any, urls: dict[str, str], stack: Stack | None, data_
     for label, value in rows:
         print(f"  {label.ljust(width)}  {value}")
     print("\n  Admin login: .venv/bin/python manage.py createsuperuser")
+    print("  API key:     .venv/bin/python manage.py apikey create NAME   (prints the key; then send")
+    print("               'Authorization: Bearer <key>'. Until a key exists, /v1/ serves loopback only)")
     print(f"  Other terminals (manage.py) find these URLs in {data_dir / 'stack.env'}")
     print("  Ctrl-C stops everything.")
     print("=" * 72 + "\n", flush=True)

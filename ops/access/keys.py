@@ -5,6 +5,9 @@ logs and metrics; the secret is 32 random bytes. Only HMAC-SHA256 of the whole k
 ``SECRET_KEY`` (Django's ``salted_hmac``), is stored: a fast hash is enough for a random token of
 that length, and without ``SECRET_KEY`` a copy of the table verifies nothing. Changing
 ``SECRET_KEY`` therefore invalidates every key (rotate them after).
+
+The API processes check keys against the published copy of this table (``keyring``), not the
+table itself; every change here reaches them through the model's signals.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from datetime import timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
-from django.utils.crypto import salted_hmac
 
+from ops.access.keyring import PUBLIC_PREFIX, key_digest, last_used_sync
+from ops.audit import audit_record, audit_record_command
 from ops.models import ApiKey
 
-PUBLIC_PREFIX = "bn_"
 _PUBLIC_ID = re.compile(r"bn_[0-9a-f]{8}")
 _NAME = re.compile(r"[A-Za-z0-9._:@-]{1,100}")
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,255}")
@@ -47,10 +51,6 @@ class IssuedKey:
 
     row: ApiKey
     token: str
-
-
-def _digest(token: str) -> str:
-    return salted_hmac("birbnest.apikey", token, algorithm="sha256").hexdigest()
 
 
 def _new_token() -> tuple[str, str]:
@@ -82,8 +82,11 @@ def apikey_create(
     expires_in: timedelta | None = None,
     owner: str | None = None,
     rate_limit: int | None = None,
+    request: Any = None,
 ) -> IssuedKey:
-    """Make a key; the returned token is the only copy of it there will ever be."""
+    """Make a key; the returned token is the only copy of it there will ever be.
+
+    Audited (``apikey.create``) as the request's user, or as the command line without one."""
     if not _NAME.fullmatch(name):
         raise ApiKeyError("name", name, "1-100 characters from A-Z a-z 0-9 . _ : @ -")
     if ApiKey.objects.filter(name=name).exists():
@@ -98,16 +101,19 @@ def apikey_create(
         if user is None:
             raise ApiKeyError("owner", owner, "the username of an existing user")
     public_id, token = _new_token()
-    row = ApiKey.objects.create(
-        name=name,
-        owner=user,
-        public_id=public_id,
-        key_hash=_digest(token),
-        scopes=_checked_scopes(scopes),
-        key_prefixes=_checked_prefixes(key_prefixes),
-        rate_limit=rate_limit,
-        expires_at=timezone.now() + expires_in if expires_in is not None else None,
-    )
+    fields = {
+        "name": name,
+        "owner": user,
+        "public_id": public_id,
+        "key_hash": key_digest(token),
+        "scopes": _checked_scopes(scopes),
+        "key_prefixes": _checked_prefixes(key_prefixes),
+        "rate_limit": rate_limit,
+        "expires_at": timezone.now() + expires_in if expires_in is not None else None,
+    }
+    with transaction.atomic():  # the key and its audit entry commit together
+        row = ApiKey.objects.create(**fields)
+        _audit("apikey.create", row, request, scopes=row.scopes, key_prefixes=row.key_prefixes)
     return IssuedKey(row, token)
 
 
@@ -118,24 +124,40 @@ def _live(name: str) -> ApiKey:
     return row
 
 
-def apikey_revoke(*, name: str) -> ApiKey:
-    """Revoke a key: from now on it verifies as nothing."""
-    row = _live(name)
-    row.revoked_at = timezone.now()
-    row.save(update_fields=["revoked_at"])
+def _audit(action: str, row: ApiKey, request: Any, **details: Any) -> None:
+    details = {"public_id": row.public_id, **details}  # never the key
+    if request is None:
+        audit_record_command(action=action, target=row.name, details=details)
+    else:
+        audit_record(action=action, target=row.name, details=details, request=request)
+
+
+def apikey_revoke(*, name: str, request: Any = None) -> ApiKey:
+    """Revoke a key: from now on it verifies as nothing (audited as ``apikey.revoke``)."""
+    with transaction.atomic():
+        row = _live(name)
+        row.revoked_at = timezone.now()
+        row.save(update_fields=["revoked_at"])
+        _audit("apikey.revoke", row, request)
     return row
 
 
-def apikey_rotate(*, name: str) -> IssuedKey:
-    """Give a key a new secret (and public id), keeping its settings; the old one stops working."""
-    row = _live(name)
-    public_id, token = _new_token()
-    row.public_id, row.key_hash = public_id, _digest(token)
-    row.save(update_fields=["public_id", "key_hash"])
+def apikey_rotate(*, name: str, request: Any = None) -> IssuedKey:
+    """Give a key a new secret (and public id), keeping its settings; the old one stops working
+    (audited as ``apikey.rotate``)."""
+    with transaction.atomic():
+        row = _live(name)
+        old_public_id = row.public_id
+        public_id, token = _new_token()
+        row.public_id, row.key_hash = public_id, key_digest(token)
+        row.save(update_fields=["public_id", "key_hash"])
+        _audit("apikey.rotate", row, request, previous_public_id=old_public_id)
     return IssuedKey(row, token)
 
 
 def apikey_list() -> QuerySet[ApiKey]:
+    """Every key, revoked ones too, with last-used times as the API processes last reported them."""
+    last_used_sync()
     return ApiKey.objects.select_related("owner").order_by("name")
 
 
@@ -146,7 +168,7 @@ def apikey_verify(token: str) -> ApiKey | None:
     if not _PUBLIC_ID.fullmatch(public_id) or token[len(public_id) : len(public_id) + 1] != "_":
         return None
     row = ApiKey.objects.filter(public_id=public_id).first()
-    if row is None or not hmac.compare_digest(row.key_hash, _digest(token)):
+    if row is None or not hmac.compare_digest(row.key_hash, key_digest(token)):
         return None
     if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= timezone.now()):
         return None

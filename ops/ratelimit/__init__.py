@@ -4,19 +4,16 @@ Modules: ``config`` (the compiled config and each process's copy), ``limiter`` (
 script), ``services`` (changing settings and rules), ``middleware`` (the data plane's hook),
 ``api`` (`/admin/ratelimit`), ``admin`` (the console pages).
 
-- **Who is a client**: ``REMOTE_ADDR``, whatever the request's headers say: ``X-API-Key``,
-  ``Authorization`` and ``X-Forwarded-For`` are not trusted (a key becomes an identity once the
-  service verifies keys). ``/health``, ``/metrics`` and ``/admin/``
-  are never limited.
+- **Who is a client**: the API key ``ops.access`` verified (its public id; its own rate limit, if
+  it has one, wins), else ``REMOTE_ADDR``. ``X-Forwarded-For`` is not trusted, and an unverified
+  key never reaches the limiter (401). ``/health``, ``/metrics`` and ``/admin/`` are never limited.
 - **Settings**: the ``RateLimitSettings`` row and the ``RateLimitClient`` rules in PostgreSQL are
   the source of truth. Every change (services below, the admin, any ``save()``/``delete()``
   through the model signals) is compiled to one small JSON document in Redis,
-  ``<prefix>ratelimit:config``. Each API process keeps that document in memory and re-reads it
-  at most every :data:`REFRESH_SECONDS` (one GET, by whichever request finds it stale; requests
-  arriving meanwhile wait for that GET, up to :data:`REFRESH_WAIT_SECONDS`, instead of applying
-  the old copy). So a change applies everywhere within about half a second. If
-  the key is missing (Redis restarted empty), the process that notices rebuilds it from
-  PostgreSQL; if PostgreSQL is down too, it keeps the last config it knew (disabled at start).
+  ``<prefix>ratelimit:config``, which each API process keeps in memory and re-reads at most every
+  :data:`REFRESH_SECONDS` (:mod:`ops.published`: a change applies everywhere within about half a
+  second; a lost document is rebuilt from PostgreSQL; with both down a process keeps the last
+  config it knew, disabled at start).
 - **Counting**: one Lua script call per request (one round trip, atomic): ``fixed`` counts the
   requests a client was allowed in the current window (``INCR`` + ``PEXPIRE`` on a key per
   window); ``sliding`` weighs the previous window's count by the part of it still inside the

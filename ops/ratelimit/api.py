@@ -8,19 +8,23 @@ works once it carries a token.
 
 Who may call it: operators only.
 
-- ``Authorization: Token <key>`` (or ``Bearer <key>``) with a DRF authtoken of an active user;
-  no CSRF (a token is not sent by a browser on its own). Operators get one with
-  ``python manage.py drf_create_token <username>``.
-- Or the session of a logged-in staff user (the admin console), with Django's CSRF check.
+- An API key with the ``admin`` scope, as ``Authorization: Bearer <key>`` (or ``X-API-Key``);
+  no CSRF (a key is not sent by a browser on its own). Make one with
+  ``python manage.py apikey create NAME --scopes admin``. It may read and change the settings.
+- Or the session of a logged-in staff user (the admin console), with Django's CSRF check:
+  ``POST`` needs ``ops.change_ratelimitsettings``; ``GET`` also accepts
+  ``ops.view_ratelimitsettings``.
 
-``POST`` needs ``ops.change_ratelimitsettings``; ``GET`` also accepts
-``ops.view_ratelimitsettings``. No credentials or a bad token → 401 ``UNAUTHORIZED``; a user
-without the permission, a session that is not staff, or a failed CSRF check → 403 ``FORBIDDEN``.
+No credentials, or a key that is unknown, revoked or expired → 401 ``UNAUTHORIZED``; a key
+without the ``admin`` scope, a user without the permission, a session that is not staff, or a
+failed CSRF check → 403 ``FORBIDDEN``. (The DRF authtokens this endpoint took before are gone:
+migration ``ops.0005`` removed them and said how to re-issue them.)
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -29,9 +33,11 @@ from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
-from rest_framework.authtoken.models import Token
 
 from birbnest.errors import error_response, method_not_allowed
+from ops.access.keyring import current_keyring
+from ops.access.middleware import CHALLENGE, presented_key
+from ops.audit import audit_record
 from ops.ratelimit import RateLimitConfig, RateLimitSettingsError, ratelimit_settings_get, ratelimit_settings_update
 
 logger = logging.getLogger(__name__)
@@ -54,41 +60,75 @@ def _csrf_failure(request: HttpRequest) -> str | None:
     return check.process_view(request, None, (), {})  # type: ignore[arg-type,return-value]
 
 
+@dataclass(frozen=True)
+class _Caller:
+    """A staff user of the console, or an API key with the ``admin`` scope (which may do all)."""
+
+    name: str
+    actor: str  # as the audit log names callers: the username, or key:<public id>
+    user: Any = None
+
+    def may(self, permission: str) -> bool:
+        return self.user is None or bool(self.user.has_perm(permission))
+
+
 def _unauthorized(message: str) -> HttpResponse:
     response = error_response(401, "UNAUTHORIZED", message, None)
-    response["WWW-Authenticate"] = 'Token realm="birb-nest"'
+    response["WWW-Authenticate"] = CHALLENGE
     return response
 
 
-def _authenticate(request: HttpRequest) -> tuple[Any, HttpResponse | None]:
-    """(user, None), or (None, the 401/403 answer)."""
-    authorization = request.META.get("HTTP_AUTHORIZATION", "")
-    if authorization:
-        scheme, _, key = authorization.partition(" ")
-        key = key.strip()
-        if scheme.lower() not in ("token", "bearer") or not key:
-            return None, _unauthorized("unsupported Authorization header; send 'Authorization: Token <key>'")
-        token = Token.objects.select_related("user").filter(key=key).first()
-        if token is None or not token.user.is_active:
-            return None, _unauthorized("invalid token; create one with 'manage.py drf_create_token <username>'")
-        return token.user, None
+def _by_key(token: str) -> tuple[_Caller | None, HttpResponse | None]:
+    if token == "":
+        return None, _unauthorized(
+            "unsupported Authorization scheme; send 'Authorization: Bearer <key>' with an API key that has "
+            "the 'admin' scope (python manage.py apikey create NAME --scopes admin)"
+        )
+    keyring = current_keyring()
+    if keyring is None:
+        return None, error_response(
+            503,
+            "SERVICE_UNAVAILABLE",
+            "API keys could not be loaded (Redis and PostgreSQL unreachable); try again",
+            {"dependency": "redis"},
+            headers={"Retry-After": "1"},
+        )
+    principal = keyring.verify(token)
+    if principal is None:
+        return None, _unauthorized("the API key is unknown, revoked or expired")
+    if "admin" not in principal.scopes:
+        return None, error_response(
+            403,
+            "FORBIDDEN",
+            f"API key {principal.public_id} lacks the 'admin' scope this endpoint needs",
+            {"missing": "scope", "scope": "admin", "scopes": sorted(principal.scopes)},
+        )
+    return _Caller(name=f"key {principal.name} ({principal.public_id})", actor=f"key:{principal.public_id}"), None
+
+
+def _authenticate(request: HttpRequest) -> tuple[_Caller | None, HttpResponse | None]:
+    """(caller, None), or (None, the 401/403 answer)."""
+    token = presented_key(request)
+    if token is not None:
+        return _by_key(token)
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         return None, _unauthorized(
-            "authentication required: send 'Authorization: Token <key>' or log in to the admin console"
+            "authentication required: send 'Authorization: Bearer <key>' with an API key that has the 'admin' "
+            "scope, or log in to the admin console"
         )
     if not user.is_staff:
-        return None, error_response(403, "FORBIDDEN", "this endpoint is for staff users and operator tokens", None)
+        return None, error_response(403, "FORBIDDEN", "this endpoint is for staff users and admin API keys", None)
     if request.method == "POST":
         reason = _csrf_failure(request)
         if reason:
             return None, error_response(
                 403,
                 "FORBIDDEN",
-                f"CSRF check failed: {reason}; send the X-CSRFToken header, or use an operator token",
+                f"CSRF check failed: {reason}; send the X-CSRFToken header, or use an admin API key",
                 {"reason": reason},
             )
-    return user, None
+    return _Caller(name=user.get_username(), actor=user.get_username(), user=user), None
 
 
 def _settings_response(config: RateLimitConfig) -> HttpResponse:
@@ -113,7 +153,7 @@ def _parse_changes(body: bytes) -> dict[str, Any]:
     return data
 
 
-@csrf_exempt  # a session is CSRF-checked in _authenticate; a token needs no check
+@csrf_exempt  # a session is CSRF-checked in _authenticate; a key needs no check
 def ratelimit_settings_api(request: HttpRequest) -> HttpResponse:
     if request.method not in ("GET", "POST"):
         return method_not_allowed(request, ["GET", "POST"])
@@ -131,18 +171,19 @@ def ratelimit_settings_api(request: HttpRequest) -> HttpResponse:
 
 
 def _handle(request: HttpRequest) -> HttpResponse:
-    user, failure = _authenticate(request)
-    if failure is not None:
+    caller, failure = _authenticate(request)
+    if caller is None:
+        assert failure is not None
         return failure
     if request.method == "GET":
-        if not (user.has_perm(VIEW_PERMISSION) or user.has_perm(CHANGE_PERMISSION)):
+        if not (caller.may(VIEW_PERMISSION) or caller.may(CHANGE_PERMISSION)):
             return error_response(403, "FORBIDDEN", f"permission {VIEW_PERMISSION} required", None)
         return _settings_response(ratelimit_settings_get())
-    if not user.has_perm(CHANGE_PERMISSION):
+    if not caller.may(CHANGE_PERMISSION):
         return error_response(403, "FORBIDDEN", f"permission {CHANGE_PERMISSION} required", None)
     try:
         changes = _parse_changes(request.body)
-        config = ratelimit_settings_update(**changes, by=user.get_username())
+        config = ratelimit_settings_update(**changes, by=caller.name)
     except RateLimitSettingsError as error:
         return error_response(400, "INVALID_REQUEST", str(error), {"field": error.name, "expected": error.expected})
     except RedisError as error:
@@ -155,9 +196,10 @@ def _handle(request: HttpRequest) -> HttpResponse:
             {"dependency": "redis"},
             headers={"Retry-After": "1"},
         )
+    audit_record(action="ratelimit.change", target="settings", details=changes, request=request, actor=caller.actor)
     logger.info(
         "rate-limit settings changed by %s: %s",
-        user.get_username(),
+        caller.name,
         ", ".join(f"{name}={changes[name]}" for name in FIELDS if name in changes) or "nothing",
     )
     return _settings_response(config)

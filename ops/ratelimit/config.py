@@ -5,39 +5,21 @@ Redis as one small JSON document, cached in each process and re-read at most eve
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from django.db import transaction
 from django.db.models import Q
-from redis.exceptions import RedisError
 
 from ops.models import RateLimitClient, RateLimitSettings
-from persistence import redis_store
+from ops.published import REFRESH_SECONDS as REFRESH_SECONDS
+from ops.published import PublishedDocument, ThrottledLog
 from persistence.keys import redis_key
 
 logger = logging.getLogger(__name__)
 
 
 SETTINGS_PK = 1
-
-
-REFRESH_SECONDS = 0.5
-
-
-# While one request re-reads a stale config, the others wait for it (one Redis GET) rather than
-# apply the old one. The GET itself gives up after the Redis socket timeout (2 s), so this only
-# has to outlast that: only a Redis that does not answer makes them go on without it. (A quarter
-# of a second was too short on a busy 2-core machine: a request of a burst applied the previous
-# limit while the refresher waited for the CPU.)
-REFRESH_WAIT_SECONDS = 2.5
-
-
-# After a failed rebuild from PostgreSQL, do not try again (on the request path) for this long.
-REBUILD_BACKOFF_SECONDS = 5.0
 
 
 ALGORITHMS = (RateLimitSettings.FIXED, RateLimitSettings.SLIDING)
@@ -100,112 +82,34 @@ class RateLimitConfig:
 DEFAULT_CONFIG = RateLimitConfig()
 
 
+CONFIG_KEY_PARTS = ("ratelimit", "config")
+
+
 def config_key() -> str:
-    return redis_key("ratelimit", "config")
+    return redis_key(*CONFIG_KEY_PARTS)
 
 
-class _ThrottledLog:
-    """At most one warning per interval; the ones left out are counted in the next."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.next_at = 0.0
-        self.suppressed = 0
-        self.lock = threading.Lock()
-
-    def warning(self, message: str, *args: Any, error: BaseException | None = None) -> None:
-        now = time.monotonic()
-        with self.lock:
-            if now < self.next_at:
-                self.suppressed += 1
-                return
-            suppressed, self.suppressed, self.next_at = self.suppressed, 0, now + self.interval
-        extra: dict[str, Any] = {"suppressed": suppressed}
-        if error is not None:
-            extra["error"] = f"{type(error).__name__}: {error}"
-        logger.warning(message, *args, extra=extra)
+def _parse(raw: bytes | str) -> RateLimitConfig:
+    return RateLimitConfig.from_json(raw)
 
 
-_warnings = _ThrottledLog(10.0)
+def _compile_current() -> bytes:
+    return ratelimit_settings_get().to_json()
 
 
-class _ConfigCache:
-    """The config as this process applies it, refreshed from Redis at most every REFRESH_SECONDS."""
-
-    def __init__(self) -> None:
-        self.config = DEFAULT_CONFIG
-        self.raw: bytes | str | None = None  # redis-py types replies as either
-        self.fresh_until = 0.0
-        self.rebuild_after = 0.0
-        self.lock = threading.Lock()
-
-    def get(self) -> RateLimitConfig:
-        if time.monotonic() < self.fresh_until:
-            return self.config
-        # One thread refreshes; the others wait for it (one GET, no thundering herd) and then
-        # find the config fresh. If Redis hangs, they go on with the copy they have.
-        if self.lock.acquire(timeout=REFRESH_WAIT_SECONDS):
-            try:
-                if time.monotonic() >= self.fresh_until:
-                    self._refresh()
-            finally:
-                self.lock.release()
-        return self.config
-
-    def apply(self, raw: bytes | str) -> None:
-        if raw == self.raw:
-            return
-        try:
-            config = RateLimitConfig.from_json(raw)
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            _warnings.warning("rate-limit config in Redis is not valid; keeping the last one", error=error)
-            return
-        self.config, self.raw = config, raw
-
-    def expire(self) -> None:
-        """Re-read on the next request (tests, and after this process published)."""
-        self.fresh_until = 0.0
-
-    def _refresh(self) -> None:
-        # Fresh only once the new copy is in place: requests arriving during the GET must wait
-        # for it (get() sends them to the lock), not take the copy being replaced as fresh.
-        now = time.monotonic()
-        try:
-            raw = redis_store.client().get(config_key())
-        except RedisError as error:
-            _warnings.warning("rate-limit config not refreshed, Redis unreachable; keeping the last one", error=error)
-            raw = None
-        else:
-            if raw is None:
-                raw = self._rebuild(now)
-        if raw is not None:
-            self.apply(raw)
-        self.fresh_until = time.monotonic() + REFRESH_SECONDS
-
-    def _rebuild(self, now: float) -> bytes | str | None:
-        """Redis lost the config: compile it from PostgreSQL and store it unless someone was faster."""
-        if now < self.rebuild_after:
-            return None
-        try:
-            raw: bytes | str = ratelimit_settings_get().to_json()
-        except Exception as error:  # PostgreSQL down or worse: never fail a request over this
-            self.rebuild_after = now + REBUILD_BACKOFF_SECONDS
-            _warnings.warning(
-                "rate-limit config missing in Redis and PostgreSQL unreachable; keeping the last one", error=error
-            )
-            return None
-        try:
-            # NX: a publish that happened meanwhile is newer than what we read; keep it.
-            if not redis_store.client().set(config_key(), raw, nx=True):
-                raw = redis_store.client().get(config_key()) or raw
-            else:
-                logger.info("rate-limit config rebuilt in Redis from PostgreSQL")
-        except RedisError as error:
-            _warnings.warning("rate-limit config rebuilt but not stored in Redis", error=error)
-        return raw
+def new_cache() -> PublishedDocument[RateLimitConfig]:
+    """A process's copy of the config (one per process: :data:`_cache`; tests make their own)."""
+    return PublishedDocument(
+        name="rate-limit config",
+        key_parts=CONFIG_KEY_PARTS,
+        parse=_parse,
+        compile=_compile_current,
+        default=DEFAULT_CONFIG,
+    )
 
 
-_cache = _ConfigCache()
+_cache = new_cache()
+_warnings = ThrottledLog(10.0, logger)
 
 
 def current_config() -> RateLimitConfig:
@@ -247,24 +151,14 @@ def ratelimit_settings_row() -> RateLimitSettings:
 
 def ratelimit_config_live() -> RateLimitConfig | None:
     """The config in Redis, which every API process applies (None when it is missing)."""
-    raw = redis_store.client().get(config_key())
-    return None if raw is None else RateLimitConfig.from_json(raw)
+    return _cache.live()
 
 
 def ratelimit_config_publish() -> RateLimitConfig:
     """Compile the settings from PostgreSQL and write them to Redis; every API process applies
-    them within REFRESH_SECONDS (this one at once). Raises ``RedisError`` if Redis is down.
-
-    The row lock orders concurrent publishers: each one reads PostgreSQL after the previous one
-    wrote Redis, so the last write is always of the newest committed state.
-    """
-    with transaction.atomic():
-        RateLimitSettings.objects.bulk_create([RateLimitSettings(pk=SETTINGS_PK)], ignore_conflicts=True)
-        config = _compile(RateLimitSettings.objects.select_for_update().get(pk=SETTINGS_PK))
-        raw = config.to_json()
-        redis_store.client().set(config_key(), raw)
-    _cache.apply(raw)
-    return config
+    them within REFRESH_SECONDS (this one at once). Raises ``RedisError`` if Redis is down."""
+    RateLimitSettings.objects.bulk_create([RateLimitSettings(pk=SETTINGS_PK)], ignore_conflicts=True)
+    return _cache.publish()
 
 
 def ratelimit_settings_get() -> RateLimitConfig:

@@ -100,14 +100,17 @@ class Decision:
         return headers
 
 
-def ratelimit_check(*, client: str, config: RateLimitConfig, read_key: str | None = None) -> Decision | None:
+def ratelimit_check(
+    *, client: str, config: RateLimitConfig, read_key: str | None = None, limit: int | None = None
+) -> Decision | None:
     """Count one request of the client; None when Redis cannot be asked (fail open).
 
     With ``read_key``, the entry is read in the same round trip (``HGETALL`` after the script)
     and left in :data:`PREFETCHED` of the current thread for the view: a rate-limited cache
-    hit still costs one round trip to Redis.
+    hit still costs one round trip to Redis. ``limit`` (an API key's own) overrides the config's.
     """
-    limit = config.limit_for(client)
+    if limit is None:
+        limit = config.limit_for(client)
     now_ms = _now_ms()
     current, previous, elapsed = _window_keys(client, config.window, now_ms)
     keys = [current, previous] if config.algorithm == RateLimitSettings.SLIDING else [current]

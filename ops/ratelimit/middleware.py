@@ -8,6 +8,7 @@ from collections.abc import Callable
 from django.http import HttpRequest, HttpResponse
 
 from birbnest.errors import error_response
+from birbnest.principal import principal_of
 from ops.ratelimit.config import RateLimitConfig, _cache
 from ops.ratelimit.limiter import Decision, ratelimit_check
 from persistence import redis_store
@@ -35,14 +36,19 @@ def _entry_read_by(request: HttpRequest) -> str | None:
     return key if key and key not in NOT_AN_ENTRY else None
 
 
-def client_identity(request: HttpRequest) -> str:
-    """Who is counted: the peer's address.
+def client_identity(request: HttpRequest) -> tuple[str, int | None]:
+    """Who is counted, and the limit of their own if they have one.
 
-    A key the client sends (``X-API-Key``, ``Authorization``) is not an identity until the
-    service has verified it: counted by whatever the header said, a client escaped its limit
-    and an operator's block by sending a new made-up key with every request.
+    A request with an API key the access middleware verified is counted by the key's public id
+    (its own rate limit, if it has one, overrides the global one and the operator's rules). Any
+    other is counted by the peer's address: a key only becomes an identity once it is verified
+    (counted by whatever a header said, a client escaped its limit and an operator's block by
+    sending a new made-up key with every request).
     """
-    return request.META.get("REMOTE_ADDR") or "unknown"
+    principal = principal_of(request)
+    if principal is not None:
+        return principal.public_id, principal.rate_limit
+    return request.META.get("REMOTE_ADDR") or "unknown", None
 
 
 def _blocked_response() -> HttpResponse:
@@ -78,12 +84,13 @@ def ratelimit_middleware(get_response: Callable[[HttpRequest], HttpResponse]) ->
         config = _cache.get()
         if not config.active:  # the default: a prefix test and a clock read
             return get_response(request)
-        client = client_identity(request)
-        if client in config.blocked:
+        client, own_limit = client_identity(request)
+        # A block names a key's public id or an address: an address stays blocked whatever key it sends.
+        if client in config.blocked or request.META.get("REMOTE_ADDR") in config.blocked:
             return _blocked_response()
         if not config.enabled:
             return get_response(request)
-        decision = ratelimit_check(client=client, config=config, read_key=_entry_read_by(request))
+        decision = ratelimit_check(client=client, config=config, read_key=_entry_read_by(request), limit=own_limit)
         if decision is None:
             return get_response(request)
         if not decision.allowed:

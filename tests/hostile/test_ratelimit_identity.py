@@ -1,7 +1,8 @@
 """Item 4 of the hostile-input issue: a made-up ``X-API-Key`` must not escape the limiter or a block.
 
 The limiter used to count by whatever key the client sent: a new random key per request got
-20 of 20 through a limit of 5, and a blocked address got 200 by adding any key.
+20 of 20 through a limit of 5, and a blocked address got 200 by adding any key. Since API keys
+are verified (issue #10), a made-up key is refused (401) before it is counted, and is never served.
 """
 
 from __future__ import annotations
@@ -41,14 +42,16 @@ def test_rotating_made_up_keys_does_not_escape_the_limit(api, limiter) -> None:
     ratelimit_settings_update(enabled=True, limit=5, window=60, algorithm="fixed", by="tests")
     time.sleep(REFRESH_SECONDS + 0.1)
     address = fresh_address()
-    # when one client sends 20 requests, each with a new made-up key
+    # when one client sends 20 requests, each with a new made-up key, then 6 without
     with httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=10) as http:
-        statuses = Counter(
+        forged = Counter(
             http.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers=made_up_key_headers()[n % 2]).status_code
             for n in range(20)
         )
-    # then it is one client: 5 through, 15 limited
-    assert statuses == {404: 5, 429: 15}, statuses
+        plain = [http.get(f"{api.url}/v1/cache/{unique_key('absent')}").status_code for _ in range(6)]
+    # then no made-up key is served, and the client is still one client: 5 through, then 429
+    assert forged == {401: 20}, forged
+    assert plain == [404] * 5 + [429], plain
 
 
 def test_a_blocked_address_stays_blocked_whatever_key_it_sends(api, limiter) -> None:
@@ -56,6 +59,6 @@ def test_a_blocked_address_stays_blocked_whatever_key_it_sends(api, limiter) -> 
     ratelimit_client_block(client=address)
     time.sleep(REFRESH_SECONDS + 0.1)
     with httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=10) as http:
-        for headers in [{}, *made_up_key_headers()]:
-            response = http.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers=headers)
-            assert_error(response, 403, "FORBIDDEN")
+        assert_error(http.get(f"{api.url}/v1/cache/{unique_key('absent')}"), 403, "FORBIDDEN")
+        for headers in made_up_key_headers():  # refused before the limiter: never served
+            assert_error(http.get(f"{api.url}/v1/cache/{unique_key('absent')}", headers=headers), 401, "UNAUTHORIZED")

@@ -1,5 +1,5 @@
-"""API keys (issue #10, first part): made, listed, revoked and rotated with `manage.py apikey`,
-stored as a keyed hash only, verified in constant time. (`/v1/` does not ask for them yet.)"""
+"""API keys: made, listed, revoked and rotated with `manage.py apikey`, stored as a keyed hash
+only, verified in constant time. (What `/v1/` does with them: test_access.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ops.access.keys import apikey_create, apikey_verify
 from ops.models import ApiKey
 from tests.conftest import unique_key
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("api_keys_removed")]
 
 
 def apikey(*args: str) -> tuple[str, str]:

@@ -20,7 +20,6 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.db import connection
 from django.test import Client
-from rest_framework.authtoken.models import Token
 
 from ops import ratelimit
 from ops.models import RateLimitClient, RateLimitSettings
@@ -57,28 +56,24 @@ def _user(django_user_model: Any, *codenames: str, staff: bool = False) -> Any:
 
 
 @pytest.fixture
-def operator_token(django_user_model: Any) -> str:
-    user = _user(django_user_model, "view_ratelimitsettings", "change_ratelimitsettings")
-    return Token.objects.create(user=user).key
+def operator(django_user_model: Any) -> Client:
+    """The console session of a staff user who may change the settings."""
+    session = Client()
+    session.force_login(_user(django_user_model, "view_ratelimitsettings", "change_ratelimitsettings", staff=True))
+    return session
 
 
-@pytest.fixture
-def viewer_token(django_user_model: Any) -> str:
-    return Token.objects.create(user=_user(django_user_model, "view_ratelimitsettings")).key
-
-
-def _post_settings(client: Client, token: str, body: Any, **extra: Any) -> Any:
-    return client.post(
+def _post_settings(operator: Client, body: Any, **extra: Any) -> Any:
+    return operator.post(
         "/admin/ratelimit",
         body if isinstance(body, (str, bytes)) else orjson.dumps(body),
         content_type="application/json",
-        HTTP_AUTHORIZATION=f"Token {token}",
         **extra,
     )
 
 
-def _enable(client: Client, token: str, **settings: Any) -> dict[str, Any]:
-    response = _post_settings(client, token, {"enabled": True, **settings})
+def _enable(operator: Client, **settings: Any) -> dict[str, Any]:
+    response = _post_settings(operator, {"enabled": True, **settings})
     assert response.status_code == 200, response.content
     body = response.json()
     if body["algorithm"] == "fixed":
@@ -111,8 +106,8 @@ def _live_config(redis_client: Any) -> dict[str, Any] | None:
 # --- off by default ---------------------------------------------------------------------------------
 
 
-def test_off_by_default_no_headers_and_never_429(client: Client, api, operator_token: str) -> None:
-    body = client.get("/admin/ratelimit", HTTP_AUTHORIZATION=f"Token {operator_token}").json()
+def test_off_by_default_no_headers_and_never_429(client: Client, api, operator: Client) -> None:
+    body = operator.get("/admin/ratelimit").json()
     assert body["enabled"] is False and body["overrides"] == {} and body["blocked"] == []
     key = fresh_address()
     responses = [_get(client, key) for _ in range(30)] + [_get(client) for _ in range(30)]
@@ -125,10 +120,10 @@ def test_off_by_default_no_headers_and_never_429(client: Client, api, operator_t
 
 
 def test_sixth_request_gets_429_with_the_contract_body_and_headers(
-    client: Client, operator_token: str, redis_client: Any
+    client: Client, operator: Client, redis_client: Any
 ) -> None:
     # given rate limiting enabled by an operator token, 5 per 60 s
-    body = _enable(client, operator_token, limit=5, window=60)
+    body = _enable(operator, limit=5, window=60)
     assert (body["enabled"], body["limit"], body["window"], body["algorithm"]) == (True, 5, 60, "fixed")
     assert _live_config(redis_client)["limit"] == 5
     key = fresh_address()
@@ -150,20 +145,22 @@ def test_sixth_request_gets_429_with_the_contract_body_and_headers(
     reset = int(limited["X-RateLimit-Reset"])
     assert 1 <= reset <= 60
     assert int(limited["Retry-After"]) == reset  # fixed window: free again when it resets
-    # another client still passes; keys the same client makes up do not make it another one
+    # another client still passes; keys the same client makes up do not make it another one (they
+    # are refused before they are counted: 401)
     other = _get(client, fresh_address())
     assert other.status_code == 404 and other["X-RateLimit-Remaining"] == "4"
     for headers in ({"HTTP_X_API_KEY": unique_key("made-up")}, {"HTTP_AUTHORIZATION": f"Bearer {unique_key()}"}):
-        assert client.get(f"/v1/cache/{unique_key('absent')}", REMOTE_ADDR=key, **headers).status_code == 429
+        assert client.get(f"/v1/cache/{unique_key('absent')}", REMOTE_ADDR=key, **headers).status_code == 401
+    assert _get(client, key).status_code == 429
     # and nothing outside /v1/ is limited, whoever asks
     for path in ("/health", "/metrics", "/"):
         response = _get(client, key, path)
         assert response.status_code != 429 and not response.has_header("X-RateLimit-Limit")
 
 
-def test_clients_without_api_key_are_limited_by_address(client: Client, operator_token: str) -> None:
+def test_clients_without_api_key_are_limited_by_address(client: Client, operator: Client) -> None:
     ratelimit_client_clear(client="127.0.0.1")
-    _enable(client, operator_token, limit=2)
+    _enable(operator, limit=2)
     statuses = [_get(client).status_code for _ in range(3)]
     forwarded = client.get(f"/v1/cache/{unique_key('absent')}", HTTP_X_FORWARDED_FOR="203.0.113.9")
     assert statuses == [404, 404, 429]
@@ -173,13 +170,16 @@ def test_clients_without_api_key_are_limited_by_address(client: Client, operator
 # --- POST /admin/ratelimit ---------------------------------------------------------------------------
 
 
-def test_runbook_command_works_with_an_operator_token(client: Client, operator_token: str) -> None:
-    # curl -X POST $H/admin/ratelimit -d '{"enabled": true, "limit": 10}' (curl sends a form type)
+def test_runbook_command_works_with_an_admin_key(client: Client, make_api_key: Any) -> None:
+    # curl -X POST $H/admin/ratelimit -H "Authorization: Bearer $KEY" -d '{"enabled": true, "limit": 10}'
+    # (curl sends a form type)
+    name = unique_key("ops")
+    key = make_api_key(name, scopes=["admin"])
     response = client.post(
         "/admin/ratelimit",
         b'{"enabled": true, "limit": 10}',
         content_type="application/x-www-form-urlencoded",
-        HTTP_AUTHORIZATION=f"Token {operator_token}",
+        HTTP_AUTHORIZATION=f"Bearer {key}",
     )
     assert response.status_code == 200
     assert response.json() | {"updated_at": None} == {
@@ -190,10 +190,10 @@ def test_runbook_command_works_with_an_operator_token(client: Client, operator_t
         "overrides": {},
         "blocked": [],
         "updated_at": None,
-        "updated_by": Token.objects.get(key=operator_token).user.username,
+        "updated_by": f"key {name} ({key[:11]})",
     }
-    # partial update: only the window changes
-    assert _post_settings(client, operator_token, {"window": 30}).json()["limit"] == 10
+    # partial update: only the window changes (X-API-Key works too)
+    assert _post_settings(client, {"window": 30}, HTTP_X_API_KEY=key).json()["limit"] == 10
     row = RateLimitSettings.objects.get(pk=1)
     assert (row.enabled, row.limit, row.window) == (True, 10, 30)
 
@@ -217,37 +217,46 @@ def test_staff_session_needs_the_permission_and_a_csrf_token(django_user_model: 
     assert browser.get("/admin/ratelimit").json()["enabled"] is True
 
 
-def test_who_may_read_and_change_the_settings(client: Client, django_user_model: Any, viewer_token: str) -> None:
+def test_who_may_read_and_change_the_settings(client: Client, django_user_model: Any, make_api_key: Any) -> None:
     body = b'{"enabled": true}'
 
     def post(c: Client = client, **headers: Any) -> Any:
         return c.post("/admin/ratelimit", body, content_type="application/json", **headers)
 
-    # no credentials, a wrong token, another scheme: 401
-    for headers in ({}, {"HTTP_AUTHORIZATION": "Token nope"}, {"HTTP_AUTHORIZATION": "Basic dXNlcjpwdw=="}):
+    admin_key, data_key = make_api_key(scopes=["admin"]), make_api_key(scopes=["read", "write", "delete"])
+    # no credentials, a wrong key, an old DRF-style token, another scheme: 401
+    for headers in (
+        {},
+        {"HTTP_AUTHORIZATION": "Bearer nope"},
+        {"HTTP_X_API_KEY": admin_key[:-2]},
+        {"HTTP_AUTHORIZATION": f"Token {admin_key}"},
+        {"HTTP_AUTHORIZATION": "Basic dXNlcjpwdw=="},
+    ):
         response = post(**headers)
         assert response.status_code == 401 and response.json()["code"] == "UNAUTHORIZED"
-        assert response["WWW-Authenticate"].startswith("Token")
+        assert response["WWW-Authenticate"].startswith("Bearer")
     assert client.get("/admin/ratelimit").status_code == 401
-    # a token of a user without the permission: 403
-    nobody = Token.objects.create(user=_user(django_user_model)).key
-    response = post(HTTP_AUTHORIZATION=f"Token {nobody}")
-    assert response.status_code == 403 and response.json()["code"] == "FORBIDDEN"
-    assert client.get("/admin/ratelimit", HTTP_AUTHORIZATION=f"Bearer {nobody}").status_code == 403
-    # a viewer may read, not change
-    assert client.get("/admin/ratelimit", HTTP_AUTHORIZATION=f"Bearer {viewer_token}").status_code == 200
-    assert post(HTTP_AUTHORIZATION=f"Token {viewer_token}").status_code == 403
-    # sessions: staff without the permission, or a non-staff user with it: 403
+    # a key without the admin scope: 403, naming it
+    response = post(HTTP_AUTHORIZATION=f"Bearer {data_key}")
+    assert response.status_code == 403 and response.json()["details"]["scope"] == "admin"
+    assert client.get("/admin/ratelimit", HTTP_AUTHORIZATION=f"Bearer {data_key}").status_code == 403
+    # the admin key may read
+    assert client.get("/admin/ratelimit", HTTP_AUTHORIZATION=f"Bearer {admin_key}").status_code == 200
+    # sessions: a viewer may read, not change; staff without the permission, or a non-staff user with it: 403
+    viewer = Client()
+    viewer.force_login(_user(django_user_model, "view_ratelimitsettings", staff=True))
+    assert viewer.get("/admin/ratelimit").status_code == 200
+    assert post(viewer).status_code == 403
     for user in (_user(django_user_model, staff=True), _user(django_user_model, "change_ratelimitsettings")):
         session = Client()
         session.force_login(user)
         assert post(session).status_code == 403
-    # an inactive operator's token no longer works
-    operator = _user(django_user_model, "change_ratelimitsettings")
-    token = Token.objects.create(user=operator).key
-    operator.is_active = False
-    operator.save()
-    assert post(HTTP_AUTHORIZATION=f"Token {token}").status_code == 401
+    # a revoked admin key no longer works
+    from ops.access.keys import apikey_revoke
+    from ops.models import ApiKey
+
+    apikey_revoke(name=ApiKey.objects.get(public_id=admin_key[:11]).name)
+    assert post(HTTP_AUTHORIZATION=f"Bearer {admin_key}").status_code == 401
     assert RateLimitSettings.objects.get(pk=1).enabled is False
 
 
@@ -268,22 +277,22 @@ def test_who_may_read_and_change_the_settings(client: Client, django_user_model:
         b'{"enabled": true, "burst": 5}',
     ],
 )
-def test_invalid_settings_are_400_and_change_nothing(client: Client, operator_token: str, body: bytes) -> None:
-    response = _post_settings(client, operator_token, body)
+def test_invalid_settings_are_400_and_change_nothing(client: Client, operator: Client, body: bytes) -> None:
+    response = _post_settings(operator, body)
     assert response.status_code == 400, response.content
     assert response.json()["code"] == "INVALID_REQUEST"
     assert RateLimitSettings.objects.get(pk=1).enabled is False
 
 
-def test_other_methods_are_405(client: Client, operator_token: str) -> None:
-    response = client.put("/admin/ratelimit", b"{}", HTTP_AUTHORIZATION=f"Token {operator_token}")
+def test_other_methods_are_405(client: Client, operator: Client) -> None:
+    response = operator.put("/admin/ratelimit", b"{}")
     assert response.status_code == 405 and response["Allow"] == "GET, POST"
 
 
 # --- every API process, within a second -------------------------------------------------------------
 
 
-def test_the_api_processes_apply_new_settings_within_a_second(api, operator_token: str) -> None:
+def test_the_api_processes_apply_new_settings_within_a_second(api, operator: Client) -> None:
     key = fresh_address()
 
     def probe() -> int:  # a new connection each time, so both granian processes answer
@@ -291,11 +300,7 @@ def test_the_api_processes_apply_new_settings_within_a_second(api, operator_toke
 
     assert {probe() for _ in range(20)} == {404}  # both processes hold "disabled", freshly read
     clear_of_window_edge(60)
-    response = httpx.post(
-        f"{api.url}/admin/ratelimit",
-        json={"enabled": True, "limit": 1, "window": 60},
-        headers={"Authorization": f"Token {operator_token}"},
-    )
+    response = _post_settings(operator, {"enabled": True, "limit": 1, "window": 60})
     returned = time.monotonic()
     assert response.status_code == 200 and response.json()["limit"] == 1
     wait_for(lambda: probe() == 429, timeout=3, interval=0.005, message="a 429 from the API")
@@ -306,9 +311,8 @@ def test_the_api_processes_apply_new_settings_within_a_second(api, operator_toke
     assert Counter(probe() for _ in range(40)) == {429: 40}  # by now every process applies it
 
 
-def test_concurrent_requests_are_counted_exactly(api, operator_token: str) -> None:
-    client = Client()
-    _enable(client, operator_token, limit=20, window=60)
+def test_concurrent_requests_are_counted_exactly(api, operator: Client) -> None:
+    _enable(operator, limit=20, window=60)
     time.sleep(REFRESH_SECONDS + 0.1)
     key = fresh_address()
     start = threading.Barrier(50)
@@ -334,9 +338,9 @@ def test_concurrent_requests_are_counted_exactly(api, operator_token: str) -> No
 
 
 def test_a_per_client_override_saved_in_the_admin(
-    admin_client: Client, client: Client, operator_token: str, redis_client: Any
+    admin_client: Client, client: Client, operator: Client, redis_client: Any
 ) -> None:
-    _enable(client, operator_token, limit=5)
+    _enable(operator, limit=5)
     special = fresh_address()
     response = admin_client.post(
         "/admin/ops/ratelimitclient/add/", {"client": special, "limit": "2", "note": "batch importer"}
@@ -370,10 +374,8 @@ def test_block_and_unblock_with_the_admin_actions(admin_client: Client, client: 
     assert _get(client, bad).status_code == 404
 
 
-def test_clear_counters_lets_a_limited_client_in_again(
-    admin_client: Client, client: Client, operator_token: str
-) -> None:
-    _enable(client, operator_token, limit=2)
+def test_clear_counters_lets_a_limited_client_in_again(admin_client: Client, client: Client, operator: Client) -> None:
+    _enable(operator, limit=2)
     key = fresh_address()
     rule = RateLimitClient.objects.create(client=key)
     assert [_get(client, key).status_code for _ in range(3)] == [404, 404, 429]
@@ -412,9 +414,9 @@ def test_settings_admin_is_one_row_and_publishes_on_save(
 
 
 def test_config_is_rebuilt_from_postgresql_when_redis_comes_back_empty(
-    api, client: Client, operator_token: str, flush_redis: Any, redis_client: Any
+    api, client: Client, operator: Client, flush_redis: Any, redis_client: Any
 ) -> None:
-    _enable(client, operator_token, limit=3)
+    _enable(operator, limit=3)
     flush_redis()
     assert _live_config(redis_client) is None
     time.sleep(REFRESH_SECONDS + 0.1)
@@ -435,11 +437,11 @@ def _wait_until_healthy(api: Any) -> None:
 
 
 def test_postgresql_down_while_the_config_is_missing_keeps_the_last_one(
-    servers, api, client: Client, operator_token: str, flush_redis: Any
+    servers, api, client: Client, operator: Client, flush_redis: Any
 ) -> None:
     if not servers.owns("postgres"):
         pytest.skip("PostgreSQL is an external server (BIRB_TEST_DATABASE_URL): this test must stop it")
-    _enable(client, operator_token, limit=1)
+    _enable(operator, limit=1)
     key = fresh_address()
     servers.stop("postgres")
     try:
@@ -453,10 +455,10 @@ def test_postgresql_down_while_the_config_is_missing_keeps_the_last_one(
     assert second.status_code == 429  # still limited by the config this process knew
 
 
-def test_redis_down_fails_open(servers, api, client: Client, operator_token: str) -> None:
+def test_redis_down_fails_open(servers, api, client: Client, operator: Client) -> None:
     if not servers.owns("redis"):
         pytest.skip("Redis is an external server (BIRB_TEST_REDIS_URL): this test must stop it")
-    _enable(client, operator_token, limit=1)
+    _enable(operator, limit=1)
     key = fresh_address()
     assert _get(client, key).status_code == 404
     servers.stop("redis")
@@ -479,8 +481,8 @@ def _sleep_until(moment: float) -> None:
     time.sleep(max(0.0, moment - time.time()))
 
 
-def test_sliding_window_weighs_the_previous_window(client: Client, operator_token: str) -> None:
-    _enable(client, operator_token, limit=4, window=2, algorithm="sliding")
+def test_sliding_window_weighs_the_previous_window(client: Client, operator: Client) -> None:
+    _enable(operator, limit=4, window=2, algorithm="sliding")
     key = fresh_address()
     a = (time.time() // 2 + 1) * 2  # windows are aligned on the epoch: window A starts at a, B at a + 2
     # window A: 4 allowed, the 5th not
@@ -501,15 +503,15 @@ def test_requests_arriving_during_a_refresh_wait_for_it_instead_of_applying_the_
 ) -> None:
     # The race test_concurrent_requests_are_counted_exactly once hit: a burst reaches a process
     # whose copy is stale; one request re-reads it, and the others must not go on with the old one.
-    cache = ratelimit_config._ConfigCache()
+    cache = ratelimit_config.new_cache()
     old, new = ratelimit.RateLimitConfig(enabled=True, limit=1), ratelimit.RateLimitConfig(enabled=True, limit=20)
-    cache.config = old
+    cache.value = old
     refreshing = threading.Event()
 
     def slow_refresh() -> None:
         refreshing.set()
         time.sleep(0.1)  # the GET, slowed down
-        cache.config, cache.fresh_until = new, time.monotonic() + ratelimit.REFRESH_SECONDS
+        cache.value, cache.fresh_until = new, time.monotonic() + ratelimit.REFRESH_SECONDS
 
     monkeypatch.setattr(cache, "_refresh", slow_refresh)
     seen: list[ratelimit.RateLimitConfig] = []
@@ -540,8 +542,8 @@ def test_requests_arriving_during_the_refreshs_redis_get_wait_for_it(monkeypatch
             return real_client.get(name)
 
     monkeypatch.setattr(redis_store, "client", SlowGet)
-    cache = ratelimit_config._ConfigCache()
-    cache.config = ratelimit.RateLimitConfig(enabled=True, limit=1)  # the previous config
+    cache = ratelimit_config.new_cache()
+    cache.value = ratelimit.RateLimitConfig(enabled=True, limit=1)  # the previous config
     seen: list[ratelimit.RateLimitConfig] = []
     refresher = threading.Thread(target=lambda: seen.append(cache.get()))
     refresher.start()
@@ -562,7 +564,7 @@ def test_the_compiled_config_survives_its_json_round_trip() -> None:
 
 
 def test_a_limited_cache_hit_is_still_one_round_trip_to_redis(
-    client: Client, operator_token: str, monkeypatch: pytest.MonkeyPatch
+    client: Client, operator: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from persistence import redis_store
 
@@ -581,7 +583,7 @@ def test_a_limited_cache_hit_is_still_one_round_trip_to_redis(
     assert client.get(f"/v1/cache/{key}").status_code == 200
     assert [[command[0] for command in commands] for commands in sent] == [["HGETALL"]]
     # limiter on: the script and the HGETALL in one write, one reply each
-    _enable(client, operator_token, limit=5)
+    _enable(operator, limit=5)
     sent.clear()
     response = client.get(f"/v1/cache/{key}", REMOTE_ADDR=fresh_address())
     assert response.status_code == 200 and response.json()["value"] == {"n": 1}

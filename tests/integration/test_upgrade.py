@@ -136,7 +136,10 @@ def test_an_old_database_upgrades_and_keeps_settings_rules_jobs_and_groups(
     from django.apps import apps
 
     audit = importlib.import_module("ops.migrations.0004_audit_log")
+    keys = importlib.import_module("ops.migrations.0005_api_key_access")
     granted = {group: {("ops", audit.PERMISSION)} for group in audit.GROUPS}
+    granted["viewer"] |= {("ops", codename) for codename in keys.VIEWER}
+    granted["operator"] |= {("ops", codename) for codename in keys.OPERATOR}
     assert group_permissions(apps) == {group: perms | granted[group] for group, perms in groups_before.items()}
     viewer, operator = request_by("viewer"), request_by("operator")
     for model in (CacheEntry, RateLimitSettings, RateLimitClient, RehydrationJob):
@@ -165,3 +168,30 @@ def test_an_old_database_upgrades_and_keeps_settings_rules_jobs_and_groups(
 def test_todays_models_need_no_migration_the_moves_forgot() -> None:
     # A moved model whose app label, table or options changed would show up here.
     call_command("makemigrations", "--check", "--dry-run", verbosity=0)
+
+
+def test_drf_tokens_are_dropped_and_their_owners_named_when_api_keys_replace_them(capsys: Any) -> None:
+    # A database from before issue #10: DRF's authtoken table, with an operator's plain-text token.
+    operator = get_user_model().objects.create_user(username="oscar", password="x-Pass-9731")
+    migrate([("ops", "0004_audit_log")])
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "CREATE TABLE authtoken_token (key varchar(40) PRIMARY KEY, created timestamptz NOT NULL, "
+                "user_id integer NOT NULL UNIQUE)"
+            )
+            cursor.execute("INSERT INTO authtoken_token VALUES ('0123456789abcdef', now(), %s)", [operator.pk])
+            cursor.execute(
+                "INSERT INTO django_migrations (app, name, applied) VALUES ('authtoken', '0001_initial', now())"
+            )
+    finally:
+        migrate(newest())
+    printed = capsys.readouterr().out
+    assert "DRF operator tokens removed (1: oscar)" in printed
+    assert "apikey create NAME --scopes admin --owner USERNAME" in printed
+    assert "0123456789abcdef" not in printed
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('authtoken_token') IS NULL")
+        assert cursor.fetchone()[0]
+        cursor.execute("SELECT count(*) FROM django_migrations WHERE app = 'authtoken'")
+        assert cursor.fetchone()[0] == 0

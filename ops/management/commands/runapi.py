@@ -69,8 +69,25 @@ class Command(BaseCommand):
         self.stdout.write(
             f"API on http://{config.api_host}:{port}/ ({config.api_workers} x {config.api_threads} threads)"
         )
+        self._say_who_may_call()
         self.stdout.flush()
         os.execv(argv[0], argv)
+
+    def _say_who_may_call(self) -> None:
+        """One line on API keys (API_AUTH): a warning when they are switched off."""
+        mode = settings.BIRB.api_auth
+        if mode == "off":
+            self.stderr.write(
+                "warning: API_AUTH=off: /v1/ answers every client that can reach this port, without an API key"
+            )
+        elif mode == "required":
+            self.stdout.write("API keys: required on /v1/ (python manage.py apikey create NAME)")
+        else:
+            self.stdout.write(
+                "API keys: API_AUTH=auto: until a key exists, /v1/ answers loopback clients only "
+                "(python manage.py apikey create NAME)"
+            )
+        self.stdout.flush()
 
     def _ensure_streams(self) -> None:
         """Create the streams now if NATS is up; otherwise the first write retries it (and 503s)."""
