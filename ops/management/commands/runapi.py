@@ -12,6 +12,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from ops.ports import require_free_port
+
 # Connections each API process accepts (granian's --backpressure).
 BACKPRESSURE = 8192
 
@@ -35,6 +37,9 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         config = settings.BIRB
         port = options["port"] or config.api_port
+        # Before anything else: a second API on this port would share it with the first (port
+        # reuse) and wipe its metrics directory below.
+        require_free_port(config.api_host, port, what="API", variable="API_PORT")
         # Each granian process keeps its own counters; prometheus_client sums the files in this
         # directory (it must be empty at start and exported before the processes start).
         metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or config.data_dir / "metrics" / f"api-{port}")

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from ops.console.dashboard import WEBSOCKET_PATH, dashboard_port
+from ops.ports import require_free_port
 
 
 class Command(BaseCommand):
@@ -23,6 +24,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         config = settings.BIRB
         port = options["port"] or dashboard_port()
+        require_free_port(config.api_host, port, what="dashboard", variable="DASHBOARD_PORT")
         # One worker process: the sampler and its history live in it, shared by every page.
         argv = [
             str(Path(sys.executable).parent / "granian"),
