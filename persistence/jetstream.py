@@ -44,6 +44,10 @@ REDELIVERY_BACKOFF = (10.0, 20.0, 40.0, 60.0)
 # doubles up to RECONNECT_MAX while NATS stays unreachable.
 RECONNECT_INTERVAL = 0.25
 RECONNECT_MAX = 2.0
+# A worker whose fetches keep coming back empty checks this often that its consumer still
+# exists: a stream deleted at runtime (`nats stream rm`, the JetStream API) takes the consumer
+# with it, and the worker creates both again (see JetStream.fetch).
+CONSUMER_CHECK_INTERVAL = 2.0
 # Room left in every persist message for the headers the worker adds when it dead-letters it
 # (Birb-Error holds up to 1,000 characters), so any message the API sends fits the DLQ too.
 DEAD_LETTER_HEADROOM = 2048
@@ -218,6 +222,10 @@ class JetStream:
         self.nc = nc
         self.js = nc.jetstream()
         self.names = n
+        # One re-creation at a time: the API publishes concurrently on this connection, and
+        # every publish that finds the stream gone waits for the same one.
+        self._recreating = asyncio.Lock()
+        self._consumer_checked_at = time.monotonic()
 
     @classmethod
     async def connect(cls, *, name: str = "birb-nest") -> JetStream:
@@ -225,8 +233,10 @@ class JetStream:
         nc = await _connect(settings.BIRB.nats_url, name=name)
         return cls(nc, n)
 
-    async def ensure_streams(self) -> None:
-        """Create both streams if missing; leave existing ones as the operator configured them."""
+    async def ensure_streams(self) -> list[str]:
+        """Create both streams if missing; leave existing ones as the operator configured them.
+        The names of the streams created."""
+        created = []
         for config in (stream_config(self.names), dlq_stream_config(self.names)):
             try:
                 await self.js.stream_info(config.name)
@@ -234,9 +244,46 @@ class JetStream:
                 try:
                     await self.js.add_stream(config)
                     logger.info("created stream %s", config.name)
+                    created.append(str(config.name))
                 except nats.js.errors.BadRequestError:
                     # Another process created it between our two calls.
                     await self.js.stream_info(config.name)
+        return created
+
+    async def recreate_streams(self) -> None:
+        """A publish found no stream: it was deleted while this process runs. Create both again
+        with the contract's settings (once for all the publishes that noticed together)."""
+        async with self._recreating:
+            created = await self.ensure_streams()
+        if created:
+            logger.warning(
+                "stream %s was missing (deleted while the service ran); created it again",
+                " and ".join(created),
+                extra={"error": "stream missing"},
+            )
+
+    async def recreate_consumer_if_missing(self) -> bool:
+        """The worker's check: if our consumer is gone (its stream was deleted, or `nats consumer
+        rm`), create the streams and the consumer again. True if it did."""
+        self._consumer_checked_at = time.monotonic()
+        try:
+            await self.js.consumer_info(self.names.stream, self.names.consumer)
+            return False
+        except nats.js.errors.NotFoundError:
+            pass
+        except Exception:  # NATS unreachable: not a missing consumer; the fetches retry
+            return False
+        async with self._recreating:
+            created = await self.ensure_streams()
+            await self.ensure_consumer()
+        logger.warning(
+            "consumer %s on %s was missing (deleted while the worker ran); created it again%s",
+            self.names.consumer,
+            self.names.stream,
+            f", with stream {' and '.join(created)}" if created else "",
+            extra={"error": "consumer missing"},
+        )
+        return True
 
     async def ensure_consumer(self) -> None:
         """Create the durable consumer, or bring an existing one to the configured delivery
@@ -276,8 +323,16 @@ class JetStream:
         size, limit = message_size(payload, headers), self.max_payload
         if size > limit:
             raise MessageTooLargeError(size, limit)
+        deadline = time.monotonic() + timeout
         try:
-            ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
+            try:
+                ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
+            except nats.js.errors.NoStreamResponseError:
+                # No stream takes the subject: deleted at runtime. Create it again and publish
+                # once more within what is left of the timeout (the answer is immediate).
+                await self.recreate_streams()
+                remaining = max(deadline - time.monotonic(), 0.1)
+                ack = await self.js.publish(subject, payload, timeout=remaining, headers=headers)
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as error:
             raise PublishError(f"{type(error).__name__}: {error}".rstrip(": "), reason=_reason(error)) from error
         if new_only and ack.duplicate:
@@ -306,21 +361,31 @@ class JetStream:
     async def pull_subscription(self) -> Any:
         return await self.js.pull_subscribe_bind(durable=self.names.consumer, stream=self.names.stream)
 
-    @staticmethod
-    async def fetch(subscription: Any, *, batch: int, timeout: float) -> list[Any]:
+    async def fetch(self, subscription: Any, *, batch: int, timeout: float) -> list[Any]:
         """Up to ``batch`` messages; an empty list when none came within ``timeout`` (idle).
 
         Connection trouble (NATS restarting, reconnecting) also yields an empty list after the
         timeout: the caller's loop simply asks again, and nats-py reconnects underneath.
+
+        A consumer deleted at runtime (with its stream) makes fetches fail ("no responders") or
+        come back empty: then, and every CONSUMER_CHECK_INTERVAL while idle, the consumer is
+        looked up and created again if it is gone, streams included. The subscription stays
+        valid: it pulls from the consumer by name.
         """
         try:
-            return list(await subscription.fetch(batch, timeout=timeout))
+            msgs = list(await subscription.fetch(batch, timeout=timeout))
         except TimeoutError:  # nats.errors.TimeoutError is a subclass
+            if time.monotonic() - self._consumer_checked_at > CONSUMER_CHECK_INTERVAL:
+                await self.recreate_consumer_if_missing()
             return []
         except (nats.errors.Error, nats.js.errors.Error, OSError) as error:
+            if await self.recreate_consumer_if_missing():
+                return []
             logger.warning("fetch failed (%s: %s); retrying", type(error).__name__, error)
             await asyncio.sleep(timeout)
             return []
+        self._consumer_checked_at = time.monotonic()
+        return msgs
 
     async def consumer_state(self) -> dict[str, int]:
         info = await self.js.consumer_info(self.names.stream, self.names.consumer)
@@ -482,7 +547,13 @@ class SyncJetStream:
             client = self.client()
             if not client.nc.is_connected:
                 return False, "not connected to NATS"
-            self.run(client.js.stream_info(client.names.stream), timeout)
+            try:
+                self.run(client.js.stream_info(client.names.stream), timeout)
+            except nats.js.errors.NotFoundError:
+                # Deleted while we run: create it again rather than report it missing until
+                # the next write does.
+                self.run(client.recreate_streams(), timeout)
+                self.run(client.js.stream_info(client.names.stream), timeout)
         except Exception as error:
             return False, f"{type(error).__name__}: {error}".rstrip(": ")
         return True, ""

@@ -157,7 +157,7 @@ def test_consumer_rm_removes_the_consumer_and_ensure_brings_it_back(
 
     removed = run(capsys, "consumer-rm", n.stream, n.consumer, "--yes")
     assert f"Deleted consumer {n.consumer} from stream {n.stream}" in removed
-    assert "recreate the consumer at start" in removed
+    assert "Running workers create it again within seconds" in removed
     with pytest.raises(CommandError, match=f"consumer '{n.consumer}' not found on stream '{n.stream}'"):
         run(capsys, "consumer-info")
     assert n.consumer not in [c["name"] for c in run_json(capsys, "consumer-report", n.stream)]

@@ -82,7 +82,7 @@ class Command(BaseCommand):
         remove = add(
             "consumer-rm",
             self.consumer_rm,
-            "delete a consumer (nats consumer rm); workers recreate ours when they (re)start",
+            "delete a consumer (nats consumer rm); running workers recreate ours within seconds",
         )
         remove.add_argument("stream", metavar="STREAM")
         remove.add_argument("consumer", metavar="CONSUMER")
@@ -172,8 +172,8 @@ class Command(BaseCommand):
             consumer = streams_admin.consumer_info(stream=stream, consumer=name)  # it exists, or a clear error
             self._confirm(
                 f"Delete consumer {name} from stream {stream}? It has {consumer.num_pending} messages pending and "
-                f"{consumer.num_ack_pending} awaiting acknowledgement. Running workers stop receiving messages "
-                "until they are restarted; they recreate the consumer at start. [y/N] "
+                f"{consumer.num_ack_pending} awaiting acknowledgement. Running workers create it again within "
+                "seconds, and deliver every message still in the stream again. [y/N] "
             )
         streams_admin.consumer_delete(stream=stream, consumer=name)
         command_action_send(action="jetstream.consumer_rm", target=f"{stream} {name}")
@@ -181,7 +181,8 @@ class Command(BaseCommand):
             return
         self.stdout.write(
             f"Deleted consumer {name} from stream {stream}.\n"
-            "Restart the workers: they recreate the consumer at start (or run `manage.py jetstream ensure`). "
+            "Running workers create it again within seconds, no restart needed (a worker that is not running "
+            "does at start; or run `manage.py jetstream ensure`). "
             "The new consumer delivers every message still in the stream again; "
             "the worker's version check makes the repeats harmless."
         )
