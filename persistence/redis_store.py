@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from django.conf import settings
 from django_redis import get_redis_connection
 from redis import Redis
 from redis.connection import AbstractConnection
@@ -476,3 +477,24 @@ def evict(key: str) -> bool:
 
 def ping() -> bool:
     return bool(client().ping())
+
+
+def namespace_flush(*, chunk: int = 500) -> int:
+    """Delete every key the service keeps in Redis (all of ``REDIS_KEY_PREFIX``: entries, version
+    counters and their marker, rate-limit state, the API-key document, Django's cache) and
+    nothing else: the runbook's FLUSHDB for a Redis that other programs may share. The number
+    of keys deleted. Everything in it is rebuilt from PostgreSQL (see :mod:`persistence.rehydration`)."""
+    redis = client()
+    pattern = settings.BIRB.redis_key_prefix.replace("\\", "\\\\")
+    for special in "*?[]":
+        pattern = pattern.replace(special, "\\" + special)
+    deleted = 0
+    batch: list[bytes] = []
+    for name in redis.scan_iter(match=pattern + "*", count=1000):
+        batch.append(name)
+        if len(batch) >= chunk:
+            deleted += int(redis.unlink(*batch))
+            batch = []
+    if batch:
+        deleted += int(redis.unlink(*batch))
+    return deleted
