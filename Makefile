@@ -24,10 +24,11 @@ run: $(STAMP) ## start PostgreSQL, Redis, NATS (unless *_URL are set), migrate, 
 test: $(STAMP) tools layers ## the layering check, then the whole test suite against real servers (started on free ports)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-tools: ## install the Debian tools tests use when missing (chromium for browser tests, docker-compose)
+tools: ## install the Debian tools tests use when missing (chromium for browser tests, docker-compose, promtool)
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing with apt-get"; \

@@ -8,6 +8,7 @@ exit code 2 (see :func:`exit_on_config_error`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -196,8 +197,38 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"), "Log level."),
     Setting("LOG_FORMAT", "json", _choice("json", "text"), "Log format."),
     Setting("OTEL_TRACES_ENABLED", "false", parse_bool, "Export OpenTelemetry traces (not implemented yet)."),
-    Setting("FEATURE_METRICS_DETAILED", "false", parse_bool, "Per-route labels on HTTP metrics."),
-    Setting("API_DEBUG_PORT", "0", _int(0, 65535), "Profiling endpoint port (0 = off)."),
+    Setting(
+        "FEATURE_METRICS_DETAILED",
+        "false",
+        parse_bool,
+        "Route (URL pattern name) and status labels on http_requests_total and http_request_duration_seconds.",
+    ),
+    Setting(
+        "API_DEBUG_PORT",
+        "0",
+        _int(0, 65535),
+        "First port of the debug endpoints (/debug/pprof/: profile, heap, goroutine): API processes "
+        "take it and the next API_WORKERS - 1, workers the ones after (0 = off).",
+    ),
+    Setting(
+        "API_DEBUG_HOST",
+        "127.0.0.1",
+        _str,
+        "Address of the debug endpoints; anything but loopback also needs API_DEBUG_ALLOW_REMOTE=true.",
+    ),
+    Setting(
+        "API_DEBUG_ALLOW_REMOTE",
+        "false",
+        parse_bool,
+        "Allow a non-loopback API_DEBUG_HOST (the endpoints show every stack and allocation, without auth).",
+    ),
+    Setting(
+        "WORKER_METRICS_PORT",
+        "0",
+        _int(0, 65535),
+        "Port of the worker's Prometheus metrics (0 = off; each worker copy on one host needs its own).",
+    ),
+    Setting("WORKER_METRICS_HOST", "127.0.0.1", _str, "Address of the worker's Prometheus metrics."),
     Setting("SECRET_KEY", "", _str, "Django secret key; required unless DEBUG is on (`make run` generates one)."),
     Setting("DEBUG", "false", parse_bool, "Django debug mode. Never in production."),
     Setting(
@@ -274,6 +305,10 @@ class Config:
     otel_traces_enabled: bool
     feature_metrics_detailed: bool
     api_debug_port: int
+    api_debug_host: str
+    api_debug_allow_remote: bool
+    worker_metrics_port: int
+    worker_metrics_host: str
     secret_key: str
     debug: bool
     allowed_hosts: tuple[str, ...]
@@ -313,6 +348,13 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(
             "SECRET_KEY", "", "is required when DEBUG is off (set SECRET_KEY, or DEBUG=true for development)"
         )
+    if config.api_debug_port and not config.api_debug_allow_remote and not is_loopback(config.api_debug_host):
+        raise ConfigError(
+            "API_DEBUG_HOST",
+            config.api_debug_host,
+            "is not a loopback address: the debug endpoints show every stack and allocation to anyone who "
+            "reaches them (use 127.0.0.1, or set API_DEBUG_ALLOW_REMOTE=true to serve them there anyway)",
+        )
     if not config.debug and _is_known_example_key(config.secret_key):
         # Only the well-known part is echoed: the rest may be a real project's key.
         shown = _INSECURE_PREFIX + "…" if config.secret_key.startswith(_INSECURE_PREFIX) else config.secret_key
@@ -350,6 +392,16 @@ _PLACEHOLDER_KEYS = frozenset(
 
 def _is_known_example_key(key: str) -> bool:
     return key.startswith(_INSECURE_PREFIX) or re.sub(r"[^a-z0-9]", "", key.lower()) in _PLACEHOLDER_KEYS
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or an address in 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def data_dir_from(environ: Mapping[str, str]) -> Path:

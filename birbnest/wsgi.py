@@ -94,6 +94,10 @@ def get_application() -> Any:
             return data_plane(environ, start_response)
         return full(environ, start_response)
 
+    if settings.BIRB.api_debug_port:  # the debug endpoints (birbnest/pprof): imported only when on
+        from birbnest import pprof
+
+        pprof.start(settings.BIRB, role="api")
     gc.freeze()
     return application
 

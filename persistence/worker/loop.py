@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 
 from persistence import jetstream, redis_store
 from persistence.messages import OP_SET, PersistWrite, PoisonMessageError, decode, isoformat, latest_per_key
+from persistence.worker import metrics as worker_metrics
 from persistence.worker.config import WorkerConfig, reload_config
 from persistence.write_behind import cache_entries_upsert_many
 
@@ -163,6 +164,7 @@ class Worker:
                 if self.reload_requested:
                     self.reload()
                 fetched = await (fetching or self.fetch_ahead(subscription))
+                worker_metrics.fetched(fetched)
                 self.fetched_ahead = []
                 fetching = None if self.stop.is_set() else asyncio.create_task(self.fetch_ahead(subscription))
                 if fetched:
@@ -221,6 +223,7 @@ class Worker:
         logger.info("configuration reloaded: %s", ", ".join(changes) if changes else "nothing changed")
 
     async def handle_batch(self, fetched: list[tuple[Any, PersistWrite | PoisonMessageError]]) -> None:
+        started = time.perf_counter()
         decoded: list[tuple[Any, PersistWrite]] = []
         for msg, write in fetched:
             if isinstance(write, PoisonMessageError):
@@ -245,6 +248,7 @@ class Worker:
             else:
                 done.append(msg)
         await self.acknowledge(done)
+        worker_metrics.batch_committed(fetched, persisted=len(done), started=started)
         self.persisted += len(batch) - len(rejected)
         logger.debug("persisted %d writes from %d messages", len(batch) - len(rejected), len(fetched))
         await self.evict_stale([w for w in batch if w.key not in rejected_keys])
@@ -357,6 +361,7 @@ class Worker:
                 logger.error("cannot dead-letter message %s yet: %s", stream_seq, error)
                 await sleep_unless_stopped(self.stop, 1)
         self.dead_lettered += 1
+        worker_metrics.dead_lettered()
         logger.error(
             "dead-lettered message %s (%s): %s",
             stream_seq,

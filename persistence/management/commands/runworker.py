@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from birbnest.env import CONFIG_ERROR_EXIT_CODE
 from persistence.worker import WorkerConfig, run
 
 
@@ -25,4 +27,24 @@ class Command(BaseCommand):
             overrides["batch_timeout"] = options["batch_timeout"]
         if overrides:
             config = WorkerConfig(**{**config.__dict__, **overrides})
+        self._serve_observability()
         raise SystemExit(run(config))
+
+    def _serve_observability(self) -> None:
+        """The worker's Prometheus metrics (WORKER_METRICS_PORT) and debug endpoints (API_DEBUG_PORT)."""
+        birb = settings.BIRB
+        if birb.worker_metrics_port:
+            from persistence.worker import metrics
+
+            try:
+                metrics.serve(host=birb.worker_metrics_host, port=birb.worker_metrics_port)
+            except OSError as error:
+                self.stderr.write(
+                    f"cannot serve the worker's metrics on {birb.worker_metrics_host}:{birb.worker_metrics_port} "
+                    f"({error}): set WORKER_METRICS_PORT to a free port (each worker copy needs its own)"
+                )
+                raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
+        if birb.api_debug_port:
+            from birbnest import pprof
+
+            pprof.start(birb, role="worker")
