@@ -111,6 +111,28 @@ def parse_origins(name: str, raw: str) -> tuple[str, ...]:
     return origins
 
 
+def parse_ratio(name: str, raw: str) -> float:
+    """A sampling ratio, as OTEL_TRACES_SAMPLER_ARG takes it: a number from 0 to 1."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(name, raw, "is not a number (expected a ratio from 0.0 to 1.0)") from None
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(name, raw, "is not a ratio from 0.0 to 1.0")
+    return value
+
+
+# OpenTelemetry's built-in samplers, by their OTEL_TRACES_SAMPLER names.
+TRACE_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One documented variable: its default (as the operator would write it) and its parser."""
@@ -196,7 +218,36 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"), "Log level."),
     Setting("LOG_FORMAT", "json", _choice("json", "text"), "Log format."),
-    Setting("OTEL_TRACES_ENABLED", "false", parse_bool, "Export OpenTelemetry traces (not implemented yet)."),
+    Setting(
+        "OTEL_TRACES_ENABLED",
+        "false",
+        parse_bool,
+        "Record OpenTelemetry traces (API request, Redis, JetStream, worker batch, PostgreSQL) and export them.",
+    ),
+    Setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "http://127.0.0.1:4318",
+        _url("http", "https"),
+        "OTLP/HTTP collector base URL (Jaeger's port 4318); spans are sent to its path /v1/traces.",
+    ),
+    Setting(
+        "OTEL_SERVICE_NAME",
+        "",
+        _str,
+        "service.name of the spans (unset = birb-nest-api, birb-nest-worker, birb-nest-cli by process).",
+    ),
+    Setting(
+        "OTEL_TRACES_SAMPLER",
+        "parentbased_always_on",
+        _choice(*TRACE_SAMPLERS),
+        "Which traces are kept: " + ", ".join(TRACE_SAMPLERS) + ".",
+    ),
+    Setting(
+        "OTEL_TRACES_SAMPLER_ARG",
+        "1.0",
+        parse_ratio,
+        "The ratio (0.0-1.0) of the traceidratio samplers.",
+    ),
     Setting(
         "FEATURE_METRICS_DETAILED",
         "false",
@@ -303,6 +354,10 @@ class Config:
     log_level: str
     log_format: str
     otel_traces_enabled: bool
+    otel_exporter_otlp_endpoint: str
+    otel_service_name: str
+    otel_traces_sampler: str
+    otel_traces_sampler_arg: float
     feature_metrics_detailed: bool
     api_debug_port: int
     api_debug_host: str

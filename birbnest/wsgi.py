@@ -15,6 +15,9 @@ Request bodies are read before either handler runs, on a deadline and into memor
 (``birbnest/request_body.py``): slow senders cannot hold the request threads, and chunked
 bodies are read too.
 
+With ``OTEL_TRACES_ENABLED`` the application is wrapped in a request span
+(``birbnest/tracing.py``); without it, nothing of tracing runs.
+
 After start-up the objects loaded so far are frozen out of the garbage collector's reach
 (``gc.freeze()``): a full collection no longer walks Django's ~90,000 long-lived objects.
 """
@@ -33,6 +36,8 @@ from django.db import close_old_connections, connection
 from django.http import HttpResponse
 from django.urls import set_script_prefix
 from django.utils.module_loading import import_string
+
+from birbnest import tracing
 
 DATA_PLANE_PREFIX = "/v1/"
 
@@ -94,6 +99,9 @@ def get_application() -> Any:
             return data_plane(environ, start_response)
         return full(environ, start_response)
 
+    if tracing.configure(settings.BIRB, component="api"):
+        # Only with OTEL_TRACES_ENABLED: with it off, requests do not pass through this at all.
+        application = tracing.wsgi_middleware(application)
     if settings.BIRB.api_debug_port:  # the debug endpoints (birbnest/pprof): imported only when on
         from birbnest import pprof
 

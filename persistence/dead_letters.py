@@ -11,12 +11,14 @@ only after the republish is acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from birbnest import tracing
 from persistence import jetstream, streams_admin
 from persistence.streams_admin import JetStreamRequestError
 
@@ -117,6 +119,15 @@ def dead_letter_get(*, id: int) -> DeadLetter:
     return _dead_letter(view.messages[0])
 
 
+def _replaying(headers: dict[str, str], id: int) -> contextlib.AbstractContextManager[Any]:
+    """The span of one replay, in the trace of the write the dead letter came from (its kept
+    ``traceparent``). With tracing off here the header goes on unchanged, and the worker
+    continues that trace all the same."""
+    if not tracing.enabled:
+        return contextlib.nullcontext()
+    return tracing.span("retry dead letter", context=tracing.extract(headers), attributes={"birb.dead_letter.id": id})
+
+
 def dead_letters_retry(*, ids: list[int] | None = None) -> RetryResult:
     """Republish the given dead letters (all when ``ids`` is None) to the persist stream with a
     fresh message id; each is removed from the DLQ once JetStream acknowledged its republish."""
@@ -133,11 +144,12 @@ def dead_letters_retry(*, ids: list[int] | None = None) -> RetryResult:
         original_id = raw.headers.get("Birb-Original-Msg-Id") or f"dlq-{id}"
         headers["Nats-Msg-Id"] = f"{original_id}:retry:{uuid.uuid4().hex}"
         headers["Birb-Retry-Of"] = str(id)
-        try:
-            jetstream.publisher().publish(subject, raw.data, headers=headers, timeout=5)
-        except jetstream.PublishError as error:
-            result.failed[id] = f"republish not acknowledged: {error}"
-            continue
+        with _replaying(raw.headers, id):
+            try:
+                jetstream.publisher().publish(subject, raw.data, headers=headers, timeout=5)
+            except jetstream.PublishError as error:
+                result.failed[id] = f"republish not acknowledged: {error}"
+                continue
         try:
             streams_admin.message_delete(stream=n.dlq_stream, seq=id)
         except streams_admin.JetStreamAdminError as error:

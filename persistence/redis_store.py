@@ -31,6 +31,7 @@ from redis import Redis
 from redis.connection import AbstractConnection
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
+from birbnest import tracing
 from persistence.keys import counters_marker_key, entry_key, version_key
 
 # KEYS: counter, counters marker. ARGV: floor ('' = unknown), if_match ('' = none), counter ttl ms.
@@ -194,6 +195,32 @@ def _send(commands: tuple[tuple[Any, ...], ...], *, max_bytes: int | None = None
     """Send the commands in one write and read every reply (an error reply as the
     ``ResponseError``). With ``max_bytes``, :class:`ReadTooLargeError` as soon as the replies hold
     more text than that, the rest left unread (the connection is dropped)."""
+    if tracing.enabled and tracing.in_span():
+        # A span per round trip of a traced operation (a request, a worker batch); background
+        # round trips (the rate limiter's refresh, say) would only add traces of their own.
+        with tracing.span(
+            _span_name(commands),
+            kind=tracing.SpanKind.CLIENT,
+            attributes={"db.system.name": "redis", "db.operation.batch.size": len(commands)},
+        ):
+            return _send_untraced(commands, max_bytes=max_bytes)
+    return _send_untraced(commands, max_bytes=max_bytes)
+
+
+def _span_name(commands: tuple[tuple[Any, ...], ...]) -> str:
+    """``redis EVALSHA assign_version``, ``redis EVALSHA ratelimit_hit + HGETALL``: what one round
+    trip did, scripts by name."""
+    operations = []
+    for command in commands[:4]:
+        name = str(command[0])
+        if name == "EVALSHA":
+            name = f"EVALSHA {HotScript.names.get(command[1], str(command[1])[:8])}"
+        if name not in operations:
+            operations.append(name)
+    return "redis " + " + ".join(operations) + (" ..." if len(commands) > 4 else "")
+
+
+def _send_untraced(commands: tuple[tuple[Any, ...], ...], *, max_bytes: int | None = None) -> list[Any]:
     connection = _pinned_connection()
     packed = connection.pack_commands(commands)
     for attempt in (1, 2):
@@ -225,9 +252,14 @@ def _send(commands: tuple[tuple[Any, ...], ...], *, max_bytes: int | None = None
 class HotScript:
     """A Lua script sent by its SHA in :func:`round_trip` (loaded on NOSCRIPT)."""
 
-    def __init__(self, source: str) -> None:
+    # Script names by SHA, for span names (birbnest/tracing.py).
+    names: dict[str, str] = {}
+
+    def __init__(self, source: str, name: str = "") -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        if name:
+            HotScript.names[self.sha] = name
 
     def command(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
@@ -262,10 +294,10 @@ def round_trip(*commands: tuple[Any, ...], scripts: tuple[HotScript, ...] = ()) 
     return replies
 
 
-ASSIGN_VERSION = HotScript(_ASSIGN_VERSION)
-STORE_ENTRY = HotScript(_STORE_ENTRY)
-STORE_TOMBSTONE = HotScript(_STORE_TOMBSTONE)
-EVICT_STALE = HotScript(_EVICT_STALE)
+ASSIGN_VERSION = HotScript(_ASSIGN_VERSION, "assign_version")
+STORE_ENTRY = HotScript(_STORE_ENTRY, "store_entry")
+STORE_TOMBSTONE = HotScript(_STORE_TOMBSTONE, "store_tombstone")
+EVICT_STALE = HotScript(_EVICT_STALE, "evict_stale")
 
 
 def read_command(key: str) -> tuple[Any, ...]:

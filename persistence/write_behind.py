@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from birbnest import tracing
 from persistence.messages import OP_DELETE
 
 # The batch travels as one JSON document (an array of objects) that PostgreSQL turns into rows.
@@ -83,7 +84,27 @@ def cache_entries_upsert_many(*, writes: list[Any]) -> int:
 
     if not writes:
         return 0
-    sql = _UPSERT_SQL.format(table=connection.ops.quote_name(CacheEntry._meta.db_table))
+    table = CacheEntry._meta.db_table
+    sql = _UPSERT_SQL.format(table=connection.ops.quote_name(table))
+    if tracing.enabled:
+        # By hand rather than the psycopg instrumentation, which would wrap every query of the
+        # process (the API's read-through too) whether a trace is being recorded or not.
+        with (
+            tracing.span(
+                f"INSERT {table}",
+                kind=tracing.SpanKind.CLIENT,
+                attributes={
+                    "db.system.name": "postgresql",
+                    "db.operation.name": "INSERT",
+                    "db.collection.name": table,
+                    "db.operation.batch.size": len(writes),
+                },
+            ) as span,
+            connection.cursor() as cursor,
+        ):
+            cursor.execute(sql, [_rows_json(writes)])
+            span.set_attribute("db.response.returned_rows", cursor.rowcount)
+            return cursor.rowcount
     with connection.cursor() as cursor:
         cursor.execute(sql, [_rows_json(writes)])
         return cursor.rowcount

@@ -32,8 +32,10 @@ from typing import Any
 
 import orjson
 from django import db
+from django.conf import settings
 from redis.exceptions import RedisError
 
+from birbnest import tracing
 from persistence import jetstream, redis_store
 from persistence.messages import OP_SET, PersistWrite, PoisonMessageError, decode, isoformat, latest_per_key
 from persistence.worker import metrics as worker_metrics
@@ -90,6 +92,8 @@ class Worker:
         self.reload_requested = False
         self.persisted = 0
         self.dead_lettered = 0
+        # With tracing on: the span of each write of the batch in hand, by id() of its message.
+        self.write_spans: dict[int, tracing.Span] = {}
         # Set when NATS closed the connection for good (nats-py does not reconnect after some
         # server errors): run() returns and run_async connects again.
         self.connection_lost = False
@@ -97,7 +101,13 @@ class Worker:
     # --- plumbing ---------------------------------------------------------------------------
 
     async def in_db_thread(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # The batch span, as the parent of the PostgreSQL span. Not by running the call in a copy
+        # of this context: Django keeps the thread's connection in a context variable, and a copy
+        # per call would lose it (a new connection per batch).
+        parent = tracing.current_context() if tracing.enabled else None
+
         def call() -> Any:
+            token = tracing.attach(parent) if parent is not None else None
             # The thread keeps its connection from one batch to the next (taking it from the
             # pool for each batch cost a health-check round trip). After any database error it
             # is given back, so a connection broken by a server restart is not used again.
@@ -106,6 +116,9 @@ class Worker:
             except db.Error:
                 db.connection.close()
                 raise
+            finally:
+                if token is not None:
+                    tracing.detach(token)
 
         return await asyncio.get_running_loop().run_in_executor(self.db_thread, call)
 
@@ -223,6 +236,55 @@ class Worker:
         logger.info("configuration reloaded: %s", ", ".join(changes) if changes else "nothing changed")
 
     async def handle_batch(self, fetched: list[tuple[Any, PersistWrite | PoisonMessageError]]) -> None:
+        if not tracing.enabled:
+            await self._handle_batch(fetched)
+            return
+        # The batch span starts a trace of its own and links to the span of every write it
+        # carries (the API's publish, from the message's traceparent); its PostgreSQL statement
+        # is its child. Each write's own trace goes on in a span from here to its ack or dead
+        # letter (with a link back to the batch), so a write is one trace from request to disk.
+        # Messages without a traceparent (published with tracing off) are only counted.
+        traced = []
+        for msg, _ in fetched:
+            context = tracing.extract(msg.headers)
+            link = tracing.link_of(context)
+            if link is not None:
+                traced.append((msg, context, link))
+        with tracing.span(
+            "process batch",
+            kind=tracing.SpanKind.CONSUMER,
+            links=[link for _, _, link in traced],
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": self.js.names.persist_subjects,
+                "messaging.batch.message_count": len(fetched),
+            },
+        ) as batch_span:
+            back = [tracing.Link(batch_span.get_span_context())]
+            self.write_spans = {
+                id(msg): tracing.start_span(
+                    f"process {msg.subject}",
+                    kind=tracing.SpanKind.CONSUMER,
+                    context=context,
+                    links=back,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": msg.subject,
+                        "messaging.message.id": (msg.headers or {}).get("Nats-Msg-Id", ""),
+                    },
+                )
+                for msg, context, _ in traced
+            }
+            try:
+                await self._handle_batch(fetched)
+            finally:
+                spans, self.write_spans = self.write_spans, {}
+                for write_span in spans.values():
+                    write_span.end()
+
+    async def _handle_batch(self, fetched: list[tuple[Any, PersistWrite | PoisonMessageError]]) -> None:
         started = time.perf_counter()
         decoded: list[tuple[Any, PersistWrite]] = []
         for msg, write in fetched:
@@ -306,6 +368,17 @@ class Worker:
 
     async def dead_letter_delivered(self, msg: Any, reason: str, detail: str) -> None:
         """Copy a delivered message to the DLQ stream with the error, then terminate it."""
+        write_span = self.write_spans.get(id(msg))
+        if write_span is None:
+            await self._dead_letter_delivered(msg, reason, detail)
+            return
+        # In the write's own trace: the log line says which request's write this was.
+        write_span.set_status(tracing.StatusCode.ERROR, f"dead-lettered: {reason}")
+        write_span.set_attribute("birb.dead_letter.reason", reason)
+        with tracing.used(write_span):
+            await self._dead_letter_delivered(msg, reason, detail)
+
+    async def _dead_letter_delivered(self, msg: Any, reason: str, detail: str) -> None:
         meta = msg.metadata
         copied = await self.dead_letter(
             data=msg.data,
@@ -401,14 +474,19 @@ class Worker:
             await self.evicting
             self.evicting = None
         if versions:
-            self.evicting = asyncio.get_running_loop().run_in_executor(self.redis_thread, self._evict, versions)
+            parent = tracing.current_context() if tracing.enabled else None
+            self.evicting = asyncio.get_running_loop().run_in_executor(self.redis_thread, self._evict, versions, parent)
 
     @staticmethod
-    def _evict(versions: dict[str, int]) -> None:
+    def _evict(versions: dict[str, int], parent: Any = None) -> None:
+        token = tracing.attach(parent) if parent is not None else None  # under the batch span
         try:
             redis_store.evict_stale(versions)
         except RedisError as error:
             logger.warning("could not check Redis for stale copies: %s", error)
+        finally:
+            if token is not None:
+                tracing.detach(token)
 
 
 async def _connect_until_ready(stop: asyncio.Event) -> jetstream.JetStream | None:
@@ -477,4 +555,8 @@ def run(config: WorkerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop_requested.set())
     signal.signal(signal.SIGUSR1, lambda *_: None)
-    return asyncio.run(run_async(config, stop_requested=stop_requested))
+    tracing.configure(settings.BIRB, component="worker")
+    try:
+        return asyncio.run(run_async(config, stop_requested=stop_requested))
+    finally:
+        tracing.shutdown()  # the last batches' spans: sent, or given up after the export timeout

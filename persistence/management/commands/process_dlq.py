@@ -9,8 +9,10 @@ import json
 import sys
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from birbnest import tracing
 from persistence import dead_letters
 from persistence.operator_actions import action_target, command_action_send
 from persistence.streams_admin import JetStreamAdminError
@@ -43,7 +45,12 @@ class Command(BaseCommand):
             elif options["show"] is not None:
                 self.show(options["show"], options)
             elif options["retry"] is not None:
-                self.retry(options["retry"], options)
+                # A replay continues each write's trace (OTEL_TRACES_ENABLED); sent before exit.
+                tracing.configure(settings.BIRB, component="cli")
+                try:
+                    self.retry(options["retry"], options)
+                finally:
+                    tracing.shutdown()
             else:
                 self.purge(options["purge"], options)
         except (JetStreamAdminError, dead_letters.DeadLetterNotFoundError) as error:
