@@ -42,6 +42,7 @@ if str(BASE_DIR) not in sys.path:
     sys.path.insert(0, str(BASE_DIR))
 
 from bench import httpload, pipeline, tools  # noqa: E402
+from birbnest.tracing import SCHEDULE_DELAY_MS  # noqa: E402
 
 VALUE_SIZE = 200  # bytes of the JSON value: {"payload":"xxx…"}
 VALUE_JSON = '{"payload":"' + "x" * (VALUE_SIZE - 14) + '"}'
@@ -55,6 +56,8 @@ MEASUREMENTS = (
     "references", "get_hit", "get_hit_limited", "get_hit_auth", "batch_get", "post", "persist_lag", "drain",
     "get_miss",
 )  # fmt: skip
+# Tracing on (issue #11): GET hit and POST again with OTEL_TRACES_ENABLED=true, every trace kept.
+TRACING_MEASUREMENTS = ("tracing",)
 # The limiter on for GET hit: every wrk connection is one client (127.0.0.1), so one counter
 # takes all the traffic; the limit is never reached.
 LIMITER_ON = {"enabled": True, "limit": 2_000_000_000, "window": 60, "algorithm": "fixed"}
@@ -192,6 +195,49 @@ class Service:
         for proc in (self.worker, self.api):
             if proc is not None:
                 tools.stop_group(proc)
+
+
+class SpanSink:
+    """An OTLP/HTTP endpoint on loopback that takes the spans the API and the worker export and
+    counts them: a stand-in for Jaeger that costs the machine little."""
+
+    def start(self) -> SpanSink:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        sink = self
+        self.requests = self.bytes = self.spans = 0
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                request = ExportTraceServiceRequest.FromString(self.rfile.read(size))
+                spans = sum(len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans)
+                with sink.lock:
+                    sink.requests += 1
+                    sink.bytes += size
+                    sink.spans += spans
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, name="span-sink", daemon=True).start()
+        return self
+
+    def figures(self) -> dict[str, int]:
+        return {"requests": self.requests, "bytes": self.bytes, "spans": self.spans}
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -459,6 +505,8 @@ class Bench:
             if self.wanted("references"):
                 self.references(stack, data_dir)
             self.birb_http(service)
+            if self.wanted("tracing"):
+                self.tracing_on(service, stack)
             if self.wanted("persist_lag"):
                 self.persist_lag(service, stack)
             if self.wanted("drain") or self.wanted("get_miss"):
@@ -681,6 +729,46 @@ class Bench:
         finally:
             service.restart_api()
 
+    def tracing_on(self, service: Service, stack: Any) -> None:
+        """GET hit and POST with tracing on at 100% sampling (API and worker restarted with the
+        variables, spans exported over OTLP/HTTP to a sink in this process), beside the rows with
+        it off; then both restarted as they were."""
+        if not any(self.wanted(name) for name in ("get_hit", "post")):
+            log(f"writing {HIT_KEYS} keys through the API")
+            asyncio.run(_write_keys(service.url, [f"k{i}" for i in range(HIT_KEYS)]))
+        sink = SpanSink().start()
+        traced = {
+            "OTEL_TRACES_ENABLED": "true",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+            "OTEL_TRACES_SAMPLER": "always_on",
+        }
+        try:
+            self._wait_idle(stack)
+            log("restarting the API and the worker with tracing on (100% sampled)")
+            service.restart_api(**traced)
+            service.stop_worker()
+            service.start_worker()
+            service.wait_worker()
+            log(f"GET hit, tracing on ({self.plan.duration:g} s)")
+            self.results["get_hit_traced"] = self._http(
+                service, "get_hit_traced", "get.lua", ["/v1/cache/k", str(HIT_KEYS), str(WRK_THREADS)],
+                get_requests("/v1/cache/k", HIT_KEYS),
+            )  # fmt: skip
+            log(f"durable write POST, tracing on ({self.plan.duration:g} s)")
+            self.results["post_traced"] = self._http(
+                service, "post_traced", "post.lua", ["w", str(POST_KEYS), str(VALUE_SIZE)],
+                post_requests("w", POST_KEYS),
+            )  # fmt: skip
+            self._wait_idle(stack)
+            time.sleep(3 * SCHEDULE_DELAY_MS / 1000)  # the last spans sent
+            self.results["tracing_export"] = sink.figures()
+        finally:
+            service.restart_api()
+            service.stop_worker()
+            service.start_worker()
+            service.wait_worker()
+            sink.stop()
+
     def _http(
         self,
         service: Service,
@@ -856,6 +944,9 @@ class Bench:
         limited = r.get("get_hit_limited", {})
         if "rps" in limited and "rps" in hit:
             ratios["get_hit_limited_vs_off"] = round(limited["rps"] / hit["rps"], 4)
+        for traced, off in (("get_hit_traced", "get_hit"), ("post_traced", "post")):
+            if "rps" in r.get(traced, {}) and "rps" in r.get(off, {}):
+                ratios[f"{traced}_vs_off"] = round(r[traced]["rps"] / r[off]["rps"], 4)
         auth, auth_off = r.get("get_hit_auth", {}), r.get("get_hit_auth_off", {})
         if "rps" in auth and "rps" in auth_off:
             ratios["get_hit_auth_vs_off"] = round(auth["rps"] / auth_off["rps"], 4)
@@ -1035,6 +1126,18 @@ def markdown(data: dict[str, Any]) -> str:
         "Birb Nest durable write (POST, 2xx after PubAck)", "post",
         f"{ratios['post_vs_publish']:.2f} x bare publish" if "post_vs_publish" in ratios else "",
     )  # fmt: skip
+    exported = r.get("tracing_export", {})
+    exported_note = f"{exported.get('spans', 0):,} spans exported to an OTLP/HTTP sink" if exported else ""
+    http_row(
+        "Birb Nest GET hit, tracing on (100%)", "get_hit_traced",
+        f"{ratios['get_hit_traced_vs_off']:.2f} x tracing off" if "get_hit_traced_vs_off" in ratios else "",
+        "OTEL_TRACES_ENABLED=true, always_on; API restarted; off = the GET hit row",
+    )  # fmt: skip
+    http_row(
+        "Birb Nest POST, tracing on (100%)", "post_traced",
+        f"{ratios['post_traced_vs_off']:.2f} x tracing off" if "post_traced_vs_off" in ratios else "",
+        "API and worker traced; off = the durable write row" + (f"; {exported_note}" if exported_note else ""),
+    )  # fmt: skip
     batch = r.get("batch_get", {})
     http_row(f"Birb Nest batch get of {BATCH_SIZE} keys", "batch_get", note=f"{_fmt(batch.get('keys_per_s'))} keys/s")
     bare, drain, lag = r.get("jetstream_fetch_ack", {}), r.get("worker_drain", {}), r.get("persist_lag", {})
@@ -1117,7 +1220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=MEASUREMENTS,
+        choices=(*MEASUREMENTS, *TRACING_MEASUREMENTS),
         default=[],
         help="run only this measurement (repeatable; get_miss includes the drain, which makes its keys)",
     )

@@ -54,6 +54,10 @@ def check_figures(data: dict[str, Any]) -> None:
     assert r["jetstream_fetch_ack"]["rate"] > 0 and r["jetstream_fetch_ack"]["messages"] == 2000
     drain = r["worker_drain"]
     assert drain["drained"] and drain["rate"] > 0 and drain["rows_in_postgresql"] == 2000, drain
+    for name in ("get_hit_traced", "post_traced"):  # tracing on (issue #11), beside get_hit and post
+        figure = r[name]
+        assert figure["rps"] > 0 and figure["non_2xx"] <= 0.1 * figure["requests"], (name, figure)
+    assert r["tracing_export"]["spans"] > 0, r["tracing_export"]
     lag = r["persist_lag"]
     assert lag["seen_in_postgresql"] > 0 and lag["not_seen_after_30s"] == 0 and lag["p99_ms"] >= lag["p50_ms"], lag
     rss = r["rss_mb"]
