@@ -57,7 +57,7 @@ for _outcome in ("persisted", "dead_lettered"):  # both series exist from the st
 def _metadata(msg: Any) -> Any:
     try:
         return msg.metadata
-    except Exception:  # not a JetStream message (a test's fake): no figures from it
+    except Exception:  # not a JetStream message (a unit test's fake): no figures from it
         return None
 
 
@@ -67,9 +67,9 @@ def fetched(batch: Sequence[tuple[Any, Any]]) -> None:
     if not batch:
         BACKLOG.set(0)
         return
-    meta = _metadata(batch[-1][0])
-    if meta is not None:
-        BACKLOG.set(meta.num_pending)
+    pending = getattr(_metadata(batch[-1][0]), "num_pending", None)
+    if isinstance(pending, int):
+        BACKLOG.set(pending)
 
 
 def batch_committed(batch: Sequence[tuple[Any, Any]], *, persisted: int, started: float) -> None:
@@ -79,9 +79,9 @@ def batch_committed(batch: Sequence[tuple[Any, Any]], *, persisted: int, started
     MESSAGES.labels("persisted").inc(persisted)
     BATCH_DURATION.observe(time.perf_counter() - started)
     LAST_COMMIT.set(now)
-    meta = _metadata(batch[0][0]) if batch else None
-    if meta is not None and isinstance(meta.timestamp, datetime):
-        PERSIST_LAG.observe(max(0.0, now - meta.timestamp.astimezone(UTC).timestamp()))
+    stored = getattr(_metadata(batch[0][0]), "timestamp", None) if batch else None
+    if isinstance(stored, datetime):
+        PERSIST_LAG.observe(max(0.0, now - stored.astimezone(UTC).timestamp()))
 
 
 def dead_lettered() -> None:
