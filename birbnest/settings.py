@@ -55,6 +55,9 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    # The OpenAPI document (/v1/schema/) and Swagger UI's files from our own static files (offline).
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     # Login throttling of the console (django-axes): failed attempts and lockouts, in the admin.
     "axes",
     # After `persistence`: Channels ships a `runworker` too; ours must win (tests check it).
@@ -183,6 +186,35 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": [],
     "EXCEPTION_HANDLER": "cache_api.errors.exception_handler",
     "UNAUTHENTICATED_USER": None,
+    # drf-spectacular describes the views; the data plane's hand-parsed bodies are declared in
+    # cache_api/openapi.py, the service routes in ops/openapi.py.
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The OpenAPI 3 document served at /v1/schema/ (README "OpenAPI"; `manage.py spectacular --validate`).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Birb Nest",
+    "DESCRIPTION": (
+        "A persistent JSON cache: reads from Redis, every write made durable through NATS JetStream "
+        "and stored in PostgreSQL by a worker. Errors always have the body "
+        '`{"error": "<message>", "code": "<CODE>", "details": ...}`.'
+    ),
+    "VERSION": VERSION,
+    # Relative: the service that serves the document (Swagger UI's "Try it out" calls it).
+    "SERVERS": [{"url": "/", "description": "this service"}],
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/v1",
+    "SECURITY": [{"bearerAuth": []}, {"apiKeyHeader": []}],
+    "PREPROCESSING_HOOKS": ["cache_api.openapi.preprocess_endpoints"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "cache_api.openapi.postprocess_schema",
+        "ops.openapi.postprocess_schema",
+    ],
+    # Swagger UI's JS, CSS and icon from our own static files (drf-spectacular-sidecar): no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "persistAuthorization": True, "displayOperationId": False},
 }
 
 # A request body may hold a value of MAX_VALUE_SIZE plus the envelope around it.

@@ -5,6 +5,7 @@ from django.urls import include, path, re_path
 from django.views.decorators.csrf import csrf_exempt
 
 from birbnest.errors import json_404
+from cache_api import openapi
 from cache_api import urls as cache_api_urls
 from ops import views as ops_views
 from ops.console import urls as console_urls
@@ -13,6 +14,9 @@ from ops.ratelimit import api as ratelimit_api
 urlpatterns = [
     # First: the data plane is most of the traffic, and patterns are tried in order.
     *cache_api_urls.urlpatterns,
+    # The OpenAPI document and its Swagger UI page (importing cache_api.openapi also registers the
+    # data plane's descriptions with drf-spectacular).
+    *openapi.urlpatterns,
     path("", ops_views.root, name="root"),
     path("health", ops_views.health_view, name="health"),
     path("metrics", ops_views.metrics_view, name="metrics"),
