@@ -38,6 +38,8 @@ from ops.access.keyring import current_keyring, note_used
 logger = logging.getLogger(__name__)
 
 DATA_PLANE_PREFIX = "/v1/"
+# The OpenAPI document and its Swagger UI page reveal no data: open without a key.
+SCHEMA_PREFIX = "/v1/schema/"
 BATCH_GET_PATH = "/v1/cache/batch/get"
 SCOPE_BY_METHOD = {"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write", "PATCH": "write", "DELETE": "delete"}
 CHALLENGE = 'Bearer realm="birb-nest"'
@@ -161,7 +163,7 @@ def access_middleware(get_response: Callable[[HttpRequest], HttpResponse]) -> Ca
         raise MiddlewareNotUsed("API_AUTH=off: /v1/ is open to every client")
 
     def middleware(request: HttpRequest) -> HttpResponse:
-        if not request.path_info.startswith(DATA_PLANE_PREFIX):
+        if not request.path_info.startswith(DATA_PLANE_PREFIX) or request.path_info.startswith(SCHEMA_PREFIX):
             return get_response(request)
         refused = _bad_host(request) if check_host else None
         if refused is None and mode != "off":
