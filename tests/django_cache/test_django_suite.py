@@ -1,0 +1,57 @@
+"""Django's own cache tests (``BaseCacheTests`` of the pinned release's ``tests/cache/``) against
+a live Birb Nest, the way Django tests its Redis backend (``RedisCacheTests``).
+
+Every test of ``BaseCacheTests`` runs; the ones skipped say why in one line, and the client's
+README lists them.
+"""
+
+from __future__ import annotations
+
+import unittest
+from collections.abc import Iterator
+
+import pytest
+from cache.tests import BaseCacheTests, caches_setting_for_tests  # tests/django_cache/conftest.py
+from django.test import TestCase, override_settings
+
+from tests.django_cache.conftest import remove_namespace
+
+BACKEND = "birbnest_client.django.BirbNestCache"
+NOT_CULLED = "a durable cache does not cull: entries leave by their timeout or delete(), never to make room"
+
+# The URL of the session's API is known once its fixture has run; override_settings keeps this
+# very dict, so the module fixture below fills in LOCATION before the class's setUpClass applies it.
+CACHES = caches_setting_for_tests(BACKEND=BACKEND, LOCATION="http://not-started.invalid", exclude={"cull", "zero_cull"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _live_birb_nest(nest_url: str) -> Iterator[None]:
+    for params in CACHES.values():
+        params["LOCATION"] = nest_url
+    yield
+    remove_namespace(nest_url, "django:")
+
+
+@override_settings(CACHES=CACHES)
+class BirbNestCacheTests(BaseCacheTests, TestCase):
+    """Django's BaseCacheTests with ``birbnest_client.django.BirbNestCache`` as every cache."""
+
+    @unittest.skip(NOT_CULLED)
+    def test_cull(self) -> None: ...
+
+    @unittest.skip(NOT_CULLED)
+    def test_zero_cull(self) -> None: ...
+
+    @unittest.skip(NOT_CULLED)
+    def test_cull_delete_when_store_empty(self) -> None: ...
+
+
+def test_the_suite_is_djangos_own() -> None:
+    """The class under test is the pinned release's BaseCacheTests, with all its tests."""
+    import django
+    from cache import tests as django_cache_tests
+
+    assert django_cache_tests.__file__.endswith(f"django-cache-suite-{django.__version__}/cache/tests.py")
+    names = [name for name in dir(BaseCacheTests) if name.startswith("test_")]
+    assert len(names) >= 50, names
+    assert all(callable(getattr(BirbNestCacheTests, name)) for name in names)
