@@ -14,10 +14,23 @@ from django.http import HttpResponse
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from birbnest.principal import require_keys
-from cache_api.serializers import parse_batch_keys, parse_if_match, parse_write, validate_key
+from birbnest.errors import ApiError
+from birbnest.principal import principal_of, require_keys
+from cache_api.errors import to_response
+from cache_api.serializers import (
+    list_cursor,
+    parse_batch_delete,
+    parse_batch_keys,
+    parse_batch_set,
+    parse_conditions,
+    parse_if_match,
+    parse_list_query,
+    parse_touch,
+    parse_write,
+    validate_key,
+)
 from persistence import services
-from persistence.errors import KeyNotFoundError
+from persistence.errors import KeyNotFoundError, PayloadTooLargeError
 from persistence.redis_store import StoredEntry
 
 
@@ -80,10 +93,15 @@ class CacheEntryApi(LeanApiView):
     def _write(self, request: Request, key: str) -> HttpResponse:
         validate_key(key)
         require_keys(request, (key,))
-        if_match = parse_if_match(request.headers.get("If-Match"))
+        if_match, create_only = parse_conditions(request.headers.get("If-Match"), request.headers.get("If-None-Match"))
         data = parse_write(request.body, max_value_size=settings.BIRB.max_value_size)
         result = services.cache_entry_set(
-            key=key, value_json=data.value_json, ttl=data.ttl, metadata_json=data.metadata_json, if_match=if_match
+            key=key,
+            value_json=data.value_json,
+            ttl=data.ttl,
+            metadata_json=data.metadata_json,
+            if_match=if_match,
+            if_none_match=create_only,
         )
         return entry_response(result.entry, status=201 if result.created else 200)
 
@@ -107,3 +125,117 @@ class CacheEntryBatchGetApi(LeanApiView):
             {"entries": {key: orjson.Fragment(entry.to_json()) for key, entry in found.items()}, "missing": missing}
         )
         return HttpResponse(body, content_type="application/json")
+
+
+def _json(body: Any, status: int = 200) -> HttpResponse:
+    return HttpResponse(orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _error_result(key: str, error: Exception) -> dict[str, Any]:
+    """One key's error in a batch answer: its status and the contract's error body."""
+    response = to_response(error)
+    if response is None:
+        raise error
+    return {"key": key, "status": response.status_code, **orjson.loads(response.content)}
+
+
+class CacheEntryTouchApi(LeanApiView):
+    """`POST /v1/cache/{key}/touch` with `{"ttl": <seconds>}`: a new TTL, same value and metadata."""
+
+    def post(self, request: Request, key: str) -> HttpResponse:
+        validate_key(key)
+        require_keys(request, (key,))
+        if_match = parse_if_match(request.headers.get("If-Match"))
+        ttl = parse_touch(request.body)
+        return entry_response(services.cache_entry_touch(key=key, ttl=ttl, if_match=if_match))
+
+
+class CacheEntryBatchSetApi(LeanApiView):
+    """`POST /v1/cache/batch/set` with `{"entries": [{"key", "value", "ttl"?, "metadata"?, "if_match"?,
+    "if_none_match"?}, ...]}`: 200 with a result per entry, in order."""
+
+    def post(self, request: Request) -> HttpResponse:
+        entries = parse_batch_set(
+            request.body, max_keys=settings.BIRB.max_batch_keys, max_value_size=settings.BIRB.max_value_size
+        )
+        require_keys(request, [entry.key for entry in entries])
+        for index, entry in enumerate(entries):
+            try:
+                services.check_message_fits(
+                    key=entry.key, value_json=entry.write.value_json, metadata_json=entry.write.metadata_json
+                )
+            except PayloadTooLargeError as error:
+                refused = orjson.loads(to_response(error).content)  # type: ignore[union-attr]
+                details = {"index": index, "key": entry.key, **refused["details"]}
+                raise ApiError(
+                    413, "PAYLOAD_TOO_LARGE", f"entries[{index}] (key '{entry.key}'): {refused['error']}", details
+                ) from None
+        results = services.cache_entries_set_many(
+            requests=[
+                services.SetRequest(
+                    key=entry.key,
+                    value_json=entry.write.value_json,
+                    ttl=entry.write.ttl,
+                    metadata_json=entry.write.metadata_json,
+                    if_match=entry.if_match,
+                    if_none_match=entry.if_none_match,
+                )
+                for entry in entries
+            ]
+        )
+        answers = []
+        for entry, result in zip(entries, results, strict=True):
+            if isinstance(result, Exception):
+                answers.append(_error_result(entry.key, result))
+            else:
+                answers.append(
+                    {
+                        "key": entry.key,
+                        "status": 201 if result.created else 200,
+                        "version": result.entry.version,
+                        "created": result.created,
+                    }
+                )
+        return _json({"results": answers})
+
+
+class CacheEntryBatchDeleteApi(LeanApiView):
+    """`POST /v1/cache/batch/delete` with `{"keys": [...]}`: 200 with a result per key, in order."""
+
+    def post(self, request: Request) -> HttpResponse:
+        keys = parse_batch_delete(request.body, max_keys=settings.BIRB.max_batch_keys)
+        require_keys(request, keys)
+        results = services.cache_entries_delete_many(keys=keys)
+        answers = [
+            _error_result(key, result)
+            if isinstance(result, Exception)
+            else {"key": key, "status": 204, "deleted": True, "version": result}
+            for key, result in zip(keys, results, strict=True)
+        ]
+        return _json({"results": answers})
+
+
+class CacheKeyListApi(LeanApiView):
+    """`GET /v1/cache?prefix=&cursor=&limit=`: live keys in byte order, a page at a time, from
+    PostgreSQL (after the worker has persisted what was acknowledged before the request)."""
+
+    def get(self, request: Request) -> HttpResponse:
+        query = parse_list_query(request.GET)
+        _require_prefix(request, query.prefix)
+        keys, last = services.cache_entries_list_keys(prefix=query.prefix, after=query.after, limit=query.limit)
+        return _json({"keys": keys, "next_cursor": list_cursor(last) if last is not None else None})
+
+
+def _require_prefix(request: Request, prefix: str) -> None:
+    """403 unless the request's key may use every key that starts with ``prefix``."""
+    principal = principal_of(request)
+    if principal is None or not principal.prefixes or prefix.startswith(principal.prefixes):
+        return
+    allowed = ", ".join(f"'{p}'" for p in principal.prefixes)
+    raise ApiError(
+        403,
+        "FORBIDDEN",
+        f"API key {principal.public_id} may only list keys starting with {allowed}; "
+        f"ask for a prefix that starts with one of them, not '{prefix}'",
+        {"missing": "key_prefix", "key_prefixes": list(principal.prefixes), "prefix": prefix},
+    )

@@ -17,6 +17,7 @@ from persistence.errors import (
     BatchTooLargeError,
     KeyNotFoundError,
     PayloadTooLargeError,
+    PreconditionFailedError,
     ServiceUnavailableError,
     VersionMismatchError,
 )
@@ -36,6 +37,13 @@ def to_response(error: Exception) -> HttpResponse | None:
             "VERSION_MISMATCH",
             f"key '{error.key}' is at version {error.current}, not {error.expected}",
             {"key": error.key, "expected_version": error.expected, "current_version": error.current},
+        )
+    if isinstance(error, PreconditionFailedError):
+        return error_response(
+            412,
+            "PRECONDITION_FAILED",
+            f"key '{error.key}' exists (version {error.current}); If-None-Match: * writes only a key that does not",
+            {"key": error.key, "current": error.current},
         )
     if isinstance(error, ServiceUnavailableError):
         details = {"dependency": error.dependency, **(error.details or {})}

@@ -46,3 +46,12 @@ class BatchTooLargeError(Exception):
         self.size = size
         self.limit = limit
         super().__init__(f"the entries hold at least {size} bytes; an answer may carry {limit}")
+
+
+class PreconditionFailedError(Exception):
+    """A create-only write (``If-None-Match: *``) found the key live; nothing was changed."""
+
+    def __init__(self, key: str, *, current: int) -> None:
+        self.key = key
+        self.current = current
+        super().__init__(f"key {key!r} exists (version {current})")

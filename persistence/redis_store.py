@@ -14,6 +14,9 @@ Layout (prefix ``REDIS_KEY_PREFIX``):
   count as creating the key.
 - ``<prefix>n:<key>`` counter: the last version assigned to the key. When it is missing (new key,
   or Redis lost its data) it is seeded from the highest version PostgreSQL knows.
+- ``<prefix>c:<key>`` create reservation: the version of the create-only write
+  (``If-None-Match: *``) that won the key, from its version until its entry is stored; the
+  other create-only writers meanwhile find the key taken. Expires by itself (a crashed writer).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from redis.connection import AbstractConnection
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from birbnest import tracing
-from persistence.keys import counters_marker_key, entry_key, version_key
+from persistence.keys import counters_marker_key, entry_key, redis_key, version_key
 
 # KEYS: counter, counters marker. ARGV: floor ('' = unknown), if_match ('' = none), counter ttl ms.
 # -> {1, version} | {-1, marker exists} seed needed | {-2, current} If-Match mismatch
@@ -49,11 +52,48 @@ redis.call('SET', KEYS[1], n, 'PX', ARGV[3])
 return {1, n}
 """
 
+# A create-only write (``If-None-Match: *``): the next version only if the key does not exist.
+# KEYS: counter, counters marker, entry hash, create reservation.
+# ARGV: floor ('' = unknown), counter ttl ms, reservation ttl ms, absent_at ('' = not known).
+# The key exists when the hash holds a live entry, or another create-only write holds the
+# reservation (it won: of concurrent create-only writers exactly one gets a version). A tombstone
+# says it does not. Without either (no hash, or a stale marker) only PostgreSQL can tell: the
+# caller asks it and says "absent at version n" (absent_at), which holds while the counter is n.
+# The winner reserves the key until its store (STORE_ENTRY with the reservation as KEYS[2]) or
+# its failure (RELEASE_RESERVATION); a crashed writer's reservation expires.
+# -> {1, version} | {-1, marker exists} seed needed | {-3, current} the key exists
+#    | {-4, counter} PostgreSQL must say whether the key is live at that version
+_ASSIGN_CREATE = """
+local n = redis.call('GET', KEYS[1])
+if not n then
+  if ARGV[1] == '' then return {-1, redis.call('EXISTS', KEYS[2])} end
+  n = ARGV[1]
+end
+n = tonumber(n)
+local r = redis.call('GET', KEYS[4])
+if r then return {-3, tonumber(r)} end
+local h = redis.call('HMGET', KEYS[3], 'v', 't', 'e')
+if h[1] and not h[2] and not h[3] then return {-3, tonumber(h[1])} end
+if not h[2] and (ARGV[4] == '' or tonumber(ARGV[4]) ~= n) then return {-4, n} end
+n = n + 1
+redis.call('SET', KEYS[1], n, 'PX', ARGV[2])
+redis.call('SET', KEYS[4], n, 'PX', ARGV[3])
+return {1, n}
+"""
+
+# KEYS: create reservation. ARGV: version. Drops the reservation if that write still holds it.
+_RELEASE_RESERVATION = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # ARGV: version, value, metadata, created_at, updated_at, expires_at ms ('' = never).
 # Stores unless the hash already holds a newer version, or this one (an entry or tombstone; a
 # stale marker at this version is replaced: it stands for this very row of PostgreSQL).
+# KEYS[2], when given: the create reservation this write (a create-only one) holds, dropped.
 # -> {stored, is_new, created_at}
 _STORE_ENTRY = """
+if KEYS[2] and redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 local cur = redis.call('HMGET', KEYS[1], 'v', 'c', 't', 'e')
 local v = tonumber(ARGV[1])
 if cur[1] then
@@ -295,6 +335,8 @@ def round_trip(*commands: tuple[Any, ...], scripts: tuple[HotScript, ...] = ()) 
 
 
 ASSIGN_VERSION = HotScript(_ASSIGN_VERSION, "assign_version")
+ASSIGN_CREATE = HotScript(_ASSIGN_CREATE, "assign_create")
+RELEASE_RESERVATION = HotScript(_RELEASE_RESERVATION, "release_reservation")
 STORE_ENTRY = HotScript(_STORE_ENTRY, "store_entry")
 STORE_TOMBSTONE = HotScript(_STORE_TOMBSTONE, "store_tombstone")
 EVICT_STALE = HotScript(_EVICT_STALE, "evict_stale")
@@ -409,16 +451,78 @@ class VersionConflictError(Exception):
         super().__init__(f"current version is {current}")
 
 
-def assign_version(key: str, *, floor: int | None, if_match: int | None, counter_ttl_ms: int) -> int:
-    status, number = ASSIGN_VERSION(
-        [version_key(key), counters_marker_key()],
-        ["" if floor is None else floor, "" if if_match is None else if_match, counter_ttl_ms],
+class KeyExistsError(Exception):
+    """A create-only write found the key live (or reserved by another create-only write)."""
+
+    def __init__(self, current: int) -> None:
+        self.current = current
+        super().__init__(f"the key exists at version {current}")
+
+
+class ExistenceUnknownError(Exception):
+    """A create-only write found no entry in Redis: PostgreSQL must say whether the key is live
+    at version ``counter`` (then the write is sent again with ``absent_at``)."""
+
+    def __init__(self, counter: int) -> None:
+        self.counter = counter
+        super().__init__(f"is the key live at version {counter}?")
+
+
+def reservation_key(key: str) -> str:
+    """Held by the create-only write that won the key until its entry is stored (or it failed)."""
+    return redis_key("c", key)
+
+
+def assign_command(
+    key: str,
+    *,
+    floor: int | None,
+    if_match: int | None,
+    counter_ttl_ms: int,
+    create_only: bool = False,
+    reservation_ttl_ms: int = 0,
+    absent_at: int | None = None,
+) -> tuple[Any, ...]:
+    """The command whose reply :func:`assigned_version` reads: the next version of the key, with
+    ``If-Match`` (``if_match``) or ``If-None-Match: *`` (``create_only``) checked in the same step."""
+    floor_arg = "" if floor is None else floor
+    if create_only:
+        return ASSIGN_CREATE.command(
+            [version_key(key), counters_marker_key(), entry_key(key), reservation_key(key)],
+            [floor_arg, counter_ttl_ms, reservation_ttl_ms, "" if absent_at is None else absent_at],
+        )
+    return ASSIGN_VERSION.command(
+        [version_key(key), counters_marker_key()], [floor_arg, "" if if_match is None else if_match, counter_ttl_ms]
     )
+
+
+ASSIGN_SCRIPTS = (ASSIGN_VERSION, ASSIGN_CREATE)
+
+
+def assigned_version(key: str, reply: Any) -> int:
+    """The version a reply to :func:`assign_command` gives, or the reason it gives none:
+    :class:`SeedNeededError`, :class:`VersionConflictError`, :class:`KeyExistsError`,
+    :class:`ExistenceUnknownError` (or Redis's error reply, raised)."""
+    status, number = checked(reply)
     if status == -1:
         raise SeedNeededError(key, counters_complete=bool(number))
     if status == -2:
         raise VersionConflictError(int(number))
+    if status == -3:
+        raise KeyExistsError(int(number))
+    if status == -4:
+        raise ExistenceUnknownError(int(number))
     return int(number)
+
+
+def assign_version(key: str, *, floor: int | None, if_match: int | None, counter_ttl_ms: int) -> int:
+    command = assign_command(key, floor=floor, if_match=if_match, counter_ttl_ms=counter_ttl_ms)
+    return assigned_version(key, round_trip(command, scripts=ASSIGN_SCRIPTS)[0])
+
+
+def release_reservation(key: str, version: int) -> None:
+    """A create-only write that failed gives the key back to the next one."""
+    RELEASE_RESERVATION([reservation_key(key)], [version])
 
 
 def mark_counters_complete() -> None:
@@ -437,6 +541,32 @@ def store(entry: StoredEntry) -> tuple[bool, bool, str]:
     """Store unless a newer version is there. Returns (stored, is_new, created_at)."""
     stored, is_new, created = STORE_ENTRY([entry_key(entry.key)], store_args(entry))
     return bool(stored), bool(is_new), _text(created)
+
+
+def store_written(
+    entries: list[StoredEntry], *, reserved: frozenset[str] = frozenset()
+) -> list[tuple[bool, bool, str] | ResponseError]:
+    """Store the entries of just-made writes in one round trip, each unless a newer version is
+    there: (stored, is_new, created_at) for each, or Redis's error reply. The keys in ``reserved``
+    (create-only writes) give their create reservation back in the same step."""
+    commands = [
+        STORE_ENTRY.command(
+            [entry_key(e.key), reservation_key(e.key)] if e.key in reserved else [entry_key(e.key)], store_args(e)
+        )
+        for e in entries
+    ]
+    replies = round_trip(*commands, scripts=(STORE_ENTRY,)) if commands else []
+    return [
+        reply if isinstance(reply, ResponseError) else (bool(reply[0]), bool(reply[1]), _text(reply[2]))
+        for reply in replies
+    ]
+
+
+def store_tombstones(versions: list[tuple[str, int]], *, ttl_ms: int) -> list[bool | ResponseError]:
+    """:func:`store_tombstone` for several keys in one round trip (or Redis's error reply)."""
+    commands = [STORE_TOMBSTONE.command([entry_key(key)], [version, ttl_ms]) for key, version in versions]
+    replies = round_trip(*commands, scripts=(STORE_TOMBSTONE,)) if commands else []
+    return [reply if isinstance(reply, ResponseError) else bool(reply) for reply in replies]
 
 
 def store_many(entries: list[StoredEntry], *, force: bool = False) -> list[bool | ResponseError]:

@@ -103,3 +103,57 @@ def close_version_connections() -> None:
     """Close every thread's version connection (before a database is dropped, e.g. in tests)."""
     for conn in list(_version_connections):
         conn.close()
+
+
+def cache_entries_versions_in_db(*, keys: list[str]) -> dict[str, VersionInDb]:
+    """:func:`cache_entry_version_in_db` for several keys in one query (a batch write's): the
+    keys PostgreSQL has a row for; a key without one is absent from the answer."""
+    if not keys:
+        return {}
+    table = connections["default"].ops.quote_name(CacheEntry._meta.db_table)
+    sql = (
+        f"SELECT key, version, NOT deleted AND (expires_at IS NULL OR expires_at > now()) FROM {table} "
+        "WHERE key = ANY(%s)"
+    )
+    with connections["default"].cursor() as cursor:
+        cursor.execute(sql, [list(keys)])
+        return {key: VersionInDb(int(version), bool(live)) for key, version, live in cursor.fetchall()}
+
+
+# The listing's query: keyset pagination in byte order over the index on (key COLLATE "C")
+# (migration 0004), live rows only.
+_LIST_SQL = """
+SELECT key FROM {table}
+WHERE {bounds} AND NOT deleted AND (expires_at IS NULL OR expires_at > now())
+ORDER BY key COLLATE "C"
+LIMIT %s
+"""
+
+
+def prefix_upper_bound(prefix: str) -> str:
+    """The least string above every string that starts with ``prefix`` in byte order ('' = none).
+    Keys are ASCII, so the last character below U+007F that can be raised is raised."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x7F:
+            return "".join(chars) + chr(last + 1)
+    return ""
+
+
+def cache_entry_keys(*, prefix: str, after: str, limit: int) -> list[str]:
+    """Up to ``limit`` keys of live rows that start with ``prefix`` and sort after ``after`` ('' =
+    from the start), in byte (C collation) order."""
+    table = connections["default"].ops.quote_name(CacheEntry._meta.db_table)
+    # Both bounds on the index's expression, so the scan starts at the later of the two and
+    # stops at the end of the prefix.
+    bounds, params = ['key COLLATE "C" > %s'], [after]
+    if prefix:
+        bounds.append('key COLLATE "C" >= %s')
+        params.append(prefix)
+        if high := prefix_upper_bound(prefix):
+            bounds.append('key COLLATE "C" < %s')
+            params.append(high)
+    with connections["default"].cursor() as cursor:
+        cursor.execute(_LIST_SQL.format(table=table, bounds=" AND ".join(bounds)), [*params, limit])
+        return [row[0] for row in cursor.fetchall()]

@@ -35,6 +35,7 @@ from persistence.errors import (
     BatchTooLargeError,
     KeyNotFoundError,
     PayloadTooLargeError,
+    PreconditionFailedError,
     ServiceUnavailableError,
     VersionMismatchError,
 )
@@ -186,31 +187,109 @@ class _Assigned(NamedTuple):
     replaces_live_row: bool | None
 
 
-def _assign_version(key: str, *, if_match: int | None) -> _Assigned:
-    """Step 1 of a write. Seeds the counter the first time Redis lacks it (see _version_floor)."""
-    counter_ttl = _retention_ms()
+def _reservation_ttl_ms() -> int:
+    """How long a create-only write holds the key: its publish and its store, with room."""
+    return int(settings.BIRB.publish_timeout * 1000) + 5_000
+
+
+def _assign_command(key: str, *, if_match: int | None, create_only: bool, **known: Any) -> tuple[Any, ...]:
+    return redis_store.assign_command(
+        key,
+        if_match=if_match,
+        counter_ttl_ms=_retention_ms(),
+        create_only=create_only,
+        reservation_ttl_ms=_reservation_ttl_ms() if create_only else 0,
+        floor=known.get("floor"),
+        absent_at=known.get("absent_at"),
+    )
+
+
+_UNSENT: Any = object()
+
+
+def _assign_version(
+    key: str, *, if_match: int | None, create_only: bool = False, first_reply: Any = _UNSENT
+) -> _Assigned:
+    """Step 1 of a write: its version, ``If-Match`` or ``If-None-Match: *`` checked in the same
+    atomic step. ``first_reply``: Redis's answer to the first try, sent pipelined with a batch's.
+
+    Seeds the counter the first time Redis lacks it (see :func:`_version_floor`). A create-only
+    write that finds no entry in Redis asks PostgreSQL whether the key is live at the counter's
+    version (the rule of :func:`_replaces_live_row`) and tries once more saying so; while the
+    backlog is not known to be drained (the floor is the clock), a live row in PostgreSQL counts
+    as the key existing. Refusals consume no version.
+    """
+    floor: _Floor | None = None
+    absent_at: int | None = None
+    reply = first_reply
     try:
-        try:
-            version = redis_store.assign_version(key, floor=None, if_match=if_match, counter_ttl_ms=counter_ttl)
-            return _Assigned(version, None)
-        except redis_store.SeedNeededError as seed:
-            floor = _version_floor(key, counters_complete=seed.counters_complete)
-            version = redis_store.assign_version(
-                key, floor=floor.version, if_match=if_match, counter_ttl_ms=counter_ttl
-            )
+        for _attempt in range(4):
+            if reply is _UNSENT:
+                command = _assign_command(
+                    key,
+                    if_match=if_match,
+                    create_only=create_only,
+                    floor=floor.version if floor else None,
+                    absent_at=absent_at,
+                )
+                reply = redis_store.round_trip(command, scripts=redis_store.ASSIGN_SCRIPTS)[0]
+            try:
+                version = redis_store.assigned_version(key, reply)
+            except redis_store.SeedNeededError as seed:
+                floor = _version_floor(key, counters_complete=seed.counters_complete)
+                reply = _UNSENT
+                continue
+            except redis_store.ExistenceUnknownError as unknown:
+                if floor is not None and floor.live is not None and floor.version == unknown.counter:
+                    found = selectors.VersionInDb(floor.version, floor.live)  # the seed just asked
+                else:
+                    found = _db_call(selectors.cache_entry_version_in_db, key=key)
+                if found.live and (found.version == unknown.counter or (floor is not None and floor.live is None)):
+                    raise PreconditionFailedError(key, current=found.version) from None
+                absent_at = unknown.counter
+                reply = _UNSENT
+                continue
+            if create_only:
+                return _Assigned(version, False)  # the key was found absent
+            if floor is None:
+                return _Assigned(version, None)
             # PostgreSQL's row decides only if it is the version just before this one: another
             # writer may have seeded the counter meanwhile, and its write (a delete?) came between.
             # Without an answer (clock floor), Redis's answer stands.
             return _Assigned(version, bool(floor.live) and version == floor.version + 1)
+        # The counter kept moving under a create-only write: other writes of the key are in flight.
+        raise PreconditionFailedError(key, current=absent_at or 0)
     except redis_store.VersionConflictError as conflict:
         raise VersionMismatchError(key, expected=if_match or 0, current=conflict.current) from None
+    except redis_store.KeyExistsError as exists:
+        raise PreconditionFailedError(key, current=exists.current) from None
     except RedisError as error:
         raise _redis_unavailable(error) from error
 
 
-def _next_version(key: str, *, if_match: int | None) -> int:
-    """Step 1 of a write: its version (see :func:`_assign_version`)."""
-    return _assign_version(key, if_match=if_match).version
+def _assign_versions(items: list[_WriteRequest]) -> list[_Assigned | Exception]:
+    """Step 1 for a batch: every key's first try pipelined in one round trip; the keys that need
+    more (a seed, PostgreSQL's word on a create-only write) go on one by one."""
+    if len(items) == 1:
+        one = items[0]
+        try:
+            return [_assign_version(one.key, if_match=one.if_match, create_only=one.create_only)]
+        except (VersionMismatchError, PreconditionFailedError, ServiceUnavailableError) as error:
+            return [error]
+    commands = [_assign_command(i.key, if_match=i.if_match, create_only=i.create_only) for i in items]
+    try:
+        replies = redis_store.round_trip(*commands, scripts=redis_store.ASSIGN_SCRIPTS)
+    except RedisError as error:
+        raise _redis_unavailable(error) from error  # nothing attempted: the whole request is a 503
+    results: list[_Assigned | Exception] = []
+    for item, reply in zip(items, replies, strict=True):
+        try:
+            results.append(
+                _assign_version(item.key, if_match=item.if_match, create_only=item.create_only, first_reply=reply)
+            )
+        except (VersionMismatchError, PreconditionFailedError, ServiceUnavailableError) as error:
+            results.append(error)
+    return results
 
 
 def _replaces_live_row(key: str, assigned: _Assigned) -> bool:
@@ -221,56 +300,113 @@ def _replaces_live_row(key: str, assigned: _Assigned) -> bool:
     row counts only at the version just before this write; an older row means writes the worker
     has not persisted yet (a delete, say) came between, and Redis's answer stands.
     """
-    if assigned.replaces_live_row is not None:
-        return assigned.replaces_live_row
+    return _replace_live_rows({key: assigned})[key]
+
+
+def _replace_live_rows(assigned: dict[str, _Assigned]) -> dict[str, bool]:
+    """:func:`_replaces_live_row` for several keys: PostgreSQL asked once for all that need it."""
+    answers = {key: a.replaces_live_row for key, a in assigned.items() if a.replaces_live_row is not None}
+    ask = [key for key in assigned if key not in answers]
+    if not ask:
+        return {key: bool(answer) for key, answer in answers.items()}
     try:
-        found = _db_call(selectors.cache_entry_version_in_db, key=key)
+        if len(ask) == 1:
+            found = {ask[0]: _db_call(selectors.cache_entry_version_in_db, key=ask[0])}
+        else:
+            found = _db_call(selectors.cache_entries_versions_in_db, keys=ask)
     except ServiceUnavailableError:
-        return False
-    return found.live and found.version == assigned.version - 1
+        found = {}
+    for key in ask:
+        row = found.get(key)
+        answers[key] = row is not None and row.live and row.version == assigned[key].version - 1
+    return {key: bool(answer) for key, answer in answers.items()}
 
 
-def _make_durable(write: PersistWrite) -> None:
-    """Step 2 of a write: in JetStream (PubAck received), or -- with WRITE_FALLBACK=postgres
-    while JetStream is down -- committed to PostgreSQL directly; else ServiceUnavailableError."""
-    n = jetstream.names()
-    try:
-        jetstream.publisher().publish(
-            n.persist_subject(write.op),
-            encode(write),
-            headers={"Nats-Msg-Id": message_id(write)},
-            timeout=settings.BIRB.publish_timeout,
-            new_only=True,
-        )
-        return
-    except jetstream.MessageTooLargeError as error:
-        # Caught before sending by the size check (check_message_fits) unless the server's limit
-        # changed meanwhile; refused the same way, nothing was published.
-        raise PayloadTooLargeError(size=error.size, limit=error.limit) from error
-    except jetstream.PublishError as error:
-        failure = error
-    if settings.BIRB.write_fallback == "postgres":
-        try:
-            # The same guarded upsert as the worker's: version rules hold across both paths.
-            _db_call(cache_entries_upsert_many, writes=[write])
-            logger.warning(
-                "JetStream unavailable (%s): %s v%d written to PostgreSQL directly", failure, write.key, write.version
-            )
-            return
-        except ServiceUnavailableError as db_error:
-            logger.error(
-                "write of %s v%d failed: JetStream (%s) and PostgreSQL (%s) both unavailable",
-                write.key,
-                write.version,
-                failure,
-                db_error.message,
-            )
-    logger.error("write of %s v%d not durable: %s", write.key, write.version, failure, extra={"error": str(failure)})
-    raise ServiceUnavailableError(
+def _publish_failed(failure: jetstream.PublishError) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
         "the write could not be made durable (JetStream did not acknowledge it)",
         dependency="nats",
         details={"reason": failure.reason},
-    ) from failure
+    )
+
+
+def _make_durable(write: PersistWrite) -> None:
+    """Step 2 of a write (see :func:`_make_durable_many`); raises why it is not durable."""
+    error = _make_durable_many([write])[0]
+    if error is not None:
+        raise error
+
+
+def _make_durable_many(writes: list[PersistWrite]) -> list[Exception | None]:
+    """Step 2 of writes: each in JetStream (PubAck received; a batch's published concurrently),
+    or -- with WRITE_FALLBACK=postgres while JetStream is down -- committed to PostgreSQL
+    directly (a batch's failed ones in one statement). For each, None when durable, else why
+    not: :class:`ServiceUnavailableError` or :class:`PayloadTooLargeError`."""
+    n = jetstream.names()
+    timeout = settings.BIRB.publish_timeout
+    outcomes: list[Any]
+    if len(writes) == 1:
+        write = writes[0]
+        try:
+            jetstream.publisher().publish(
+                n.persist_subject(write.op),
+                encode(write),
+                headers={"Nats-Msg-Id": message_id(write)},
+                timeout=timeout,
+                new_only=True,
+            )
+            return [None]
+        except (jetstream.PublishError, jetstream.MessageTooLargeError) as error:
+            outcomes = [error]
+    else:
+        outcomes = jetstream.publisher().publish_many(
+            [(n.persist_subject(w.op), encode(w), {"Nats-Msg-Id": message_id(w)}) for w in writes],
+            timeout=timeout,
+            new_only=True,
+        )
+    results: list[Exception | None] = [None] * len(writes)
+    failed: list[int] = []
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, jetstream.MessageTooLargeError):
+            # Caught before sending by the size check (check_message_fits) unless the server's
+            # limit changed meanwhile; refused the same way, nothing was published.
+            results[index] = PayloadTooLargeError(size=outcome.size, limit=outcome.limit)
+        elif isinstance(outcome, jetstream.PublishError):
+            failed.append(index)
+    if not failed:
+        return results
+    if settings.BIRB.write_fallback == "postgres":
+        try:
+            # The same guarded upsert as the worker's: version rules hold across both paths.
+            _db_call(cache_entries_upsert_many, writes=[writes[i] for i in failed])
+            for index in failed:
+                logger.warning(
+                    "JetStream unavailable (%s): %s v%d written to PostgreSQL directly",
+                    outcomes[index],
+                    writes[index].key,
+                    writes[index].version,
+                )
+            return results
+        except ServiceUnavailableError as db_error:
+            for index in failed:
+                logger.error(
+                    "write of %s v%d failed: JetStream (%s) and PostgreSQL (%s) both unavailable",
+                    writes[index].key,
+                    writes[index].version,
+                    outcomes[index],
+                    db_error.message,
+                )
+    for index in failed:
+        failure = outcomes[index]
+        assert isinstance(failure, jetstream.PublishError)
+        write = writes[index]
+        logger.error(
+            "write of %s v%d not durable: %s", write.key, write.version, failure, extra={"error": str(failure)}
+        )
+        unavailable = _publish_failed(failure)
+        unavailable.__cause__ = failure
+        results[index] = unavailable
+    return results
 
 
 def check_message_fits(*, key: str, value_json: bytes, metadata_json: bytes) -> None:
@@ -289,6 +425,32 @@ def check_message_fits(*, key: str, value_json: bytes, metadata_json: bytes) -> 
         raise PayloadTooLargeError(size=size, limit=limit)
 
 
+@dataclass(frozen=True)
+class SetRequest:
+    """One entry of :func:`cache_entries_set_many`: already-validated JSON text; ``ttl`` None
+    means ``REDIS_DEFAULT_TTL`` (0 = no expiry); ``if_none_match``: create-only."""
+
+    key: str
+    value_json: bytes
+    ttl: int | None = None
+    metadata_json: bytes = b"{}"
+    if_match: int | None = None
+    if_none_match: bool = False
+    # The entry's created_at when the write keeps it (a touch); else the moment of the write.
+    created_at: str | None = None
+
+
+@dataclass(frozen=True)
+class _WriteRequest:
+    key: str
+    if_match: int | None = None
+    create_only: bool = False
+
+
+def _parse_stamp(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
 def cache_entry_set(
     *,
     key: str,
@@ -296,67 +458,238 @@ def cache_entry_set(
     ttl: int | None,
     metadata_json: bytes = b"{}",
     if_match: int | None = None,
+    if_none_match: bool = False,
 ) -> WriteResult:
     """Create or replace an entry; returns once it is durable and visible in Redis.
 
     ``value_json`` and ``metadata_json`` are already-validated JSON text. ``ttl`` None means
-    ``REDIS_DEFAULT_TTL`` (0 = no expiry).
+    ``REDIS_DEFAULT_TTL`` (0 = no expiry). ``if_none_match``: only if the key does not exist
+    (else :class:`PreconditionFailedError`, nothing changed).
     """
-    if ttl is None:
-        ttl = settings.BIRB.redis_default_ttl
+    check_message_fits(key=key, value_json=value_json, metadata_json=metadata_json)
+    request = SetRequest(key, value_json, ttl, metadata_json, if_match, if_none_match)
+    result = cache_entries_set_many(requests=[request])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def cache_entries_set_many(*, requests: list[SetRequest]) -> list[WriteResult | Exception]:
+    """Write several entries (distinct keys), each with its own version: the one write path,
+    each step done for all of them at once (versions pipelined, publishes concurrent, Redis
+    stores pipelined). For each, in order, its result or why it was not made:
+    :class:`VersionMismatchError`, :class:`PreconditionFailedError`,
+    :class:`ServiceUnavailableError` (not durable, nothing visible), :class:`PayloadTooLargeError`.
+    Redis down before anything was attempted raises :class:`ServiceUnavailableError`.
+    """
     now = datetime.now(UTC)
     stamp = isoformat(now)
-    expires_at_ms = int(now.timestamp() * 1000) + ttl * 1000 if ttl > 0 else None
-    check_message_fits(key=key, value_json=value_json, metadata_json=metadata_json)
-    assigned = _assign_version(key, if_match=if_match)
-    version = assigned.version
-    _make_durable(
-        PersistWrite(
-            op=OP_SET,
-            key=key,
-            version=version,
-            value_json=value_json.decode(),
-            metadata_json=metadata_json.decode(),
-            expires_at=datetime.fromtimestamp(expires_at_ms / 1000, tz=UTC) if expires_at_ms else None,
-            created_at=now,
-            updated_at=now,
+    now_ms = int(now.timestamp() * 1000)
+    assigned = _assign_versions([_WriteRequest(r.key, r.if_match, r.if_none_match) for r in requests])
+    results: list[WriteResult | Exception | None] = [a if isinstance(a, Exception) else None for a in assigned]
+    pending: list[tuple[int, SetRequest, _Assigned, StoredEntry]] = []
+    for index, (request, given) in enumerate(zip(requests, assigned, strict=True)):
+        if isinstance(given, Exception):
+            continue
+        ttl = settings.BIRB.redis_default_ttl if request.ttl is None else request.ttl
+        entry = StoredEntry(
+            key=request.key,
+            version=given.version,
+            value_json=request.value_json,
+            metadata_json=request.metadata_json,
+            created_at=request.created_at or stamp,
+            updated_at=stamp,
+            expires_at_ms=now_ms + ttl * 1000 if ttl > 0 else None,
         )
+        pending.append((index, request, given, entry))
+    durable = _make_durable_many(
+        [
+            PersistWrite(
+                op=OP_SET,
+                key=entry.key,
+                version=entry.version,
+                value_json=entry.value_json.decode(),
+                metadata_json=entry.metadata_json.decode(),
+                expires_at=datetime.fromtimestamp(entry.expires_at_ms / 1000, tz=UTC) if entry.expires_at_ms else None,
+                created_at=_parse_stamp(request.created_at) if request.created_at else now,
+                updated_at=now,
+            )
+            for _, request, _, entry in pending
+        ]
     )
-    entry = StoredEntry(
-        key=key,
-        version=version,
-        value_json=value_json,
-        metadata_json=metadata_json,
-        created_at=stamp,
-        updated_at=stamp,
-        expires_at_ms=expires_at_ms,
-    )
+    stored: list[tuple[int, SetRequest, _Assigned, StoredEntry]] = []
+    for (index, request, given, entry), error in zip(pending, durable, strict=True):
+        if error is None:
+            stored.append((index, request, given, entry))
+            continue
+        results[index] = error
+        if request.if_none_match:
+            try:  # give the key back to the next create-only write (else it waits for expiry)
+                redis_store.release_reservation(request.key, entry.version)
+            except RedisError as redis_error:
+                logger.warning("create reservation of %s v%d kept: %s", request.key, entry.version, redis_error)
+    if not stored:
+        return results  # type: ignore[return-value]
+    reserved = frozenset(request.key for _, request, _, _ in stored if request.if_none_match)
     try:
-        _stored, created, created_at = redis_store.store(entry)
+        replies: list[Any] = redis_store.store_written([entry for *_, entry in stored], reserved=reserved)
     except RedisError as error:
-        # Durable already: answer success; the next read falls through to PostgreSQL once the
-        # worker has written it.
-        logger.warning("write of %s v%d is durable but not cached: %s", key, version, error)
-        return WriteResult(entry=entry, created=True)
-    if created_at != stamp:
-        entry = StoredEntry(**{**entry.__dict__, "created_at": created_at})
-    # Redis took it as new; PostgreSQL may still hold the key live (Redis lost it): 200, not 201.
-    return WriteResult(entry=entry, created=created and not _replaces_live_row(key, assigned))
+        replies = [error] * len(stored)
+    maybe_replacing: dict[str, _Assigned] = {}
+    for (index, request, given, entry), reply in zip(stored, replies, strict=True):
+        if isinstance(reply, Exception):
+            # Durable already: answer success; the next read falls through to PostgreSQL once
+            # the worker has written it.
+            logger.warning("write of %s v%d is durable but not cached: %s", entry.key, entry.version, reply)
+            results[index] = WriteResult(entry=entry, created=True)
+            continue
+        _stored, created, created_at = reply
+        if created_at != entry.created_at:
+            entry = StoredEntry(**{**entry.__dict__, "created_at": created_at})
+        results[index] = WriteResult(entry=entry, created=created or request.if_none_match)
+        if created and not request.if_none_match:
+            maybe_replacing[entry.key] = given
+    if maybe_replacing:
+        # Redis took them as new; PostgreSQL may still hold a key live (Redis lost it): 200, not 201.
+        replacing = _replace_live_rows(maybe_replacing)
+        for index, result in enumerate(results):
+            if isinstance(result, WriteResult) and replacing.get(result.entry.key):
+                results[index] = WriteResult(entry=result.entry, created=False)
+    return results  # type: ignore[return-value]
 
 
 def cache_entry_delete(*, key: str) -> int:
     """Delete a live entry (versioned: a tombstone blocks older writes). Returns the version."""
-    if cache_entry_get(key=key) is None:
-        raise KeyNotFoundError(key)
-    version = _next_version(key, if_match=None)
-    now = datetime.now(UTC)
-    _make_durable(PersistWrite(OP_DELETE, key, version, None, "{}", None, now, now))
+    result = cache_entries_delete_many(keys=[key])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _live_keys(keys: list[str]) -> set[str]:
+    """Which of the keys are live: Redis's word where it holds an entry or a tombstone,
+    PostgreSQL's (one query) for the rest."""
     try:
-        redis_store.store_tombstone(key, version=version, ttl_ms=_retention_ms())
+        held = redis_store.held_many(keys)
     except RedisError as error:
-        logger.warning("delete of %s v%d is durable but Redis still holds the key: %s", key, version, error)
         raise _redis_unavailable(error) from error
-    return version
+    live = {key for key, h in held.items() if h.live}
+    ask = [key for key, h in held.items() if h.version is None]
+    if len(ask) == 1:
+        if _db_call(selectors.cache_entry_version_in_db, key=ask[0]).live:
+            live.add(ask[0])
+    elif ask:
+        found = _db_call(selectors.cache_entries_versions_in_db, keys=ask)
+        live.update(key for key, row in found.items() if row.live)
+    return live
+
+
+def cache_entries_delete_many(*, keys: list[str]) -> list[int | Exception]:
+    """Delete several live entries (distinct keys), each a versioned write with its own version,
+    step by step for all at once as :func:`cache_entries_set_many` does. For each, in order,
+    its version or why not: :class:`KeyNotFoundError`, :class:`ServiceUnavailableError`."""
+    live = _live_keys(keys)
+    results: list[int | Exception | None] = [None if key in live else KeyNotFoundError(key) for key in keys]
+    targets = [index for index, key in enumerate(keys) if key in live]
+    if not targets:
+        return results  # type: ignore[return-value]
+    assigned = _assign_versions([_WriteRequest(keys[index]) for index in targets])
+    now = datetime.now(UTC)
+    pending: list[tuple[int, int]] = []  # (index, version)
+    for index, given in zip(targets, assigned, strict=True):
+        if isinstance(given, Exception):
+            results[index] = given
+        else:
+            pending.append((index, given.version))
+    durable = _make_durable_many(
+        [PersistWrite(OP_DELETE, keys[index], version, None, "{}", None, now, now) for index, version in pending]
+    )
+    done: list[tuple[int, int]] = []
+    for (index, version), error in zip(pending, durable, strict=True):
+        if error is None:
+            done.append((index, version))
+        else:
+            results[index] = error
+    if done:
+        try:
+            replies: list[Any] = redis_store.store_tombstones(
+                [(keys[index], version) for index, version in done], ttl_ms=_retention_ms()
+            )
+        except RedisError as error:
+            replies = [error] * len(done)
+        for (index, version), reply in zip(done, replies, strict=True):
+            if isinstance(reply, Exception):
+                logger.warning(
+                    "delete of %s v%d is durable but Redis still holds the key: %s", keys[index], version, reply
+                )
+                results[index] = _redis_unavailable(reply)
+            else:
+                results[index] = version
+    return results  # type: ignore[return-value]
+
+
+# A touch retries this often when another write of the key comes between its read and its write.
+TOUCH_ATTEMPTS = 3
+
+
+def cache_entry_touch(*, key: str, ttl: int, if_match: int | None = None) -> StoredEntry:
+    """A new TTL for a live entry: a versioned write of its value and metadata (persisted like
+    any set). :class:`KeyNotFoundError` when absent; with ``if_match``,
+    :class:`VersionMismatchError` unless the key is at that version.
+
+    Without ``if_match`` the write is conditional on the version just read, so a write that
+    comes between is never overwritten with the older value: the touch reads again and retries.
+    When the counter is ahead of the entry read but the entry stays the same (a write that
+    failed after taking its version), the last try is conditional on the counter instead.
+    """
+    expected = if_match
+    last: VersionMismatchError | None = None
+    for attempt in range(TOUCH_ATTEMPTS):
+        entry = cache_entry_get(key=key)
+        if entry is None:
+            raise KeyNotFoundError(key)
+        condition = if_match if if_match is not None else entry.version
+        if last is not None and if_match is None and last.expected == entry.version and attempt == TOUCH_ATTEMPTS - 1:
+            condition = last.current
+        request = SetRequest(
+            key, entry.value_json, ttl, entry.metadata_json, if_match=condition, created_at=entry.created_at
+        )
+        result = cache_entries_set_many(requests=[request])[0]
+        if isinstance(result, WriteResult):
+            return result.entry
+        if not isinstance(result, VersionMismatchError) or expected is not None:
+            raise result
+        last = result
+        time.sleep(0.02 * (attempt + 1))  # a write in flight reaches Redis meanwhile
+    assert last is not None
+    raise last
+
+
+# The key listing waits at most this long for the worker to persist every write acknowledged
+# before it (read-your-writes from PostgreSQL).
+LISTING_DRAIN_WAIT = 5.0
+
+
+def cache_entries_list_keys(*, prefix: str, after: str, limit: int) -> tuple[list[str], str | None]:
+    """A page of live keys from PostgreSQL: up to ``limit`` that start with ``prefix`` and sort
+    after ``after`` in byte order, and the last of them when more follow (else None).
+
+    PostgreSQL lags the acknowledged writes by the persist backlog; so first the worker is given
+    up to :data:`LISTING_DRAIN_WAIT` to persist everything published so far (a key written
+    before the request is in the answer). :class:`ServiceUnavailableError` (``persist_backlog``)
+    when it does not.
+    """
+    if not jetstream.publisher().wait_drained(LISTING_DRAIN_WAIT):
+        raise ServiceUnavailableError(
+            f"the key listing waits for the worker to persist every acknowledged write; it did not within "
+            f"{LISTING_DRAIN_WAIT:g}s",
+            dependency="nats",
+            details={"reason": "persist_backlog"},
+        )
+    keys = _db_call(selectors.cache_entry_keys, prefix=prefix, after=after, limit=limit + 1)
+    if len(keys) > limit:
+        return keys[:limit], keys[limit - 1]
+    return keys, None
 
 
 class _SingleFlight:

@@ -14,7 +14,7 @@
 A key is sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. No key → 401
 ``UNAUTHORIZED`` with ``WWW-Authenticate: Bearer``; an unknown, revoked or expired key → 401
 (the same answer for all three); a key without the scope the method needs (GET, HEAD and a batch
-get: ``read``; POST, PUT, PATCH: ``write``; DELETE: ``delete``) → 403 ``FORBIDDEN`` naming it.
+get: ``read``; POST, PUT, PATCH: ``write``; DELETE and a batch delete: ``delete``) → 403 ``FORBIDDEN`` naming it.
 The key's prefixes are checked by the views (:func:`birbnest.principal.require_keys`), which
 see a batch's keys. Keys are checked in process against :mod:`ops.access.keyring`: no database
 query, no Redis round trip on the request path.
@@ -41,6 +41,7 @@ DATA_PLANE_PREFIX = "/v1/"
 # The OpenAPI document and its Swagger UI page reveal no data: open without a key.
 SCHEMA_PREFIX = "/v1/schema/"
 BATCH_GET_PATH = "/v1/cache/batch/get"
+BATCH_DELETE_PATH = "/v1/cache/batch/delete"
 SCOPE_BY_METHOD = {"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write", "PATCH": "write", "DELETE": "delete"}
 CHALLENGE = 'Bearer realm="birb-nest"'
 HOW_TO_MAKE_A_KEY = "create one with 'python manage.py apikey create NAME' and send it as 'Authorization: Bearer <key>'"
@@ -86,6 +87,8 @@ def presented_key(request: HttpRequest) -> str | None:
 def scope_needed(request: HttpRequest) -> str | None:
     if request.method == "POST" and request.path_info == BATCH_GET_PATH:
         return "read"
+    if request.method == "POST" and request.path_info == BATCH_DELETE_PATH:
+        return "delete"
     return SCOPE_BY_METHOD.get(request.method or "")
 
 
