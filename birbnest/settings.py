@@ -205,7 +205,6 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": "/v1",
     "SECURITY": [{"bearerAuth": []}, {"apiKeyHeader": []}],
-    "PREPROCESSING_HOOKS": ["cache_api.openapi.preprocess_endpoints"],
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "cache_api.openapi.postprocess_schema",

@@ -104,10 +104,7 @@ def components() -> dict[str, Any]:
                 "value": {"description": "Any JSON value (null too)."},
                 "ttl": ttl_in,
                 "metadata": {"type": "object", "additionalProperties": True, "description": "Any JSON object."},
-                "key": {
-                    "type": "string",
-                    "description": "Ignored: the key is the path's (allowed so an entry read can be sent back).",
-                },
+                "key": {"description": "Ignored: the key is the path's (allowed so an entry read can be sent back)."},
             },
             "required": ["value"],
             "additionalProperties": False,
@@ -134,9 +131,14 @@ def components() -> dict[str, Any]:
                 "ttl": ttl_in,
                 "metadata": {"type": "object", "additionalProperties": True},
                 "if_match": {**version, "minimum": 0, "description": "Write only if the key is at this version."},
-                "if_none_match": {"type": "string", "enum": ["*"], "description": "Write only if the key is absent."},
+                "if_none_match": {
+                    "type": "string",
+                    "enum": ["*"],
+                    "description": "Write only if the key is absent (not together with if_match).",
+                },
             },
             "required": ["key", "value"],
+            "not": {"required": ["if_match", "if_none_match"]},
             "additionalProperties": False,
         },
         "BatchSetRequest": {
@@ -147,6 +149,7 @@ def components() -> dict[str, Any]:
                 "entries": {"type": "array", "items": _ref("BatchSetEntry"), "minItems": 1, "maxItems": max_batch}
             },
             "required": ["entries"],
+            "additionalProperties": False,
         },
         "BatchKeyError": {
             "type": "object",
@@ -193,6 +196,7 @@ def components() -> dict[str, Any]:
                 }
             },
             "required": ["keys"],
+            "additionalProperties": False,
         },
         "BatchDeleted": {
             "type": "object",
@@ -271,7 +275,8 @@ IF_NONE_MATCH = OpenApiParameter(
     "If-None-Match",
     {"type": "string", "enum": ["*"]},
     OpenApiParameter.HEADER,
-    description="`*`: create only; 412 PRECONDITION_FAILED when the key exists. Any other value is refused (400).",
+    description="`*`: create only; 412 PRECONDITION_FAILED when the key exists. Any other value is refused "
+    "(400), and so is If-None-Match together with If-Match.",
 )
 KEY_IN_PATH = OpenApiParameter(
     "key",
@@ -382,14 +387,122 @@ class CacheEntryBatchGetApiSchema(OpenApiViewExtension):
         return Described
 
 
-def preprocess_endpoints(endpoints: list[tuple[str, str, str, Any]]) -> list[tuple[str, str, str, Any]]:
-    """The key route is a regex (``(?P<key>(?s:.+))``): name its path ``/v1/cache/{key}``."""
-    fixed = []
-    for path_, path_regex, method, callback in endpoints:
-        if path_.startswith("/v1/cache/{key}") or "(?s:" in path_:
-            path_ = "/v1/cache/{key}" + path_.split("}", 1)[1] if "}" in path_ else path_
-        fixed.append((path_, path_regex, method, callback))
-    return fixed
+class CacheEntryTouchApiSchema(OpenApiViewExtension):
+    target_class = "cache_api.apis.CacheEntryTouchApi"
+
+    def view_replacement(self) -> Any:
+        @extend_schema_view(
+            post=extend_schema(
+                operation_id="cache_entry_touch",
+                summary="Set a key's TTL",
+                description="A versioned write of the TTL only: same value and metadata, a new version.",
+                tags=["cache"],
+                parameters=[KEY_IN_PATH, IF_MATCH, ETAG, *COMMON_HEADERS],
+                request={"application/json": _ref("Touch")},
+                responses={200: _entry("The entry with its new TTL and version."), **errors(*GATE, *BODY, 404, 409)},
+            )
+        )
+        class Described(self.target_class):  # type: ignore[name-defined]
+            pass
+
+        return Described
+
+
+class CacheEntryBatchSetApiSchema(OpenApiViewExtension):
+    target_class = "cache_api.apis.CacheEntryBatchSetApi"
+
+    def view_replacement(self) -> Any:
+        @extend_schema_view(
+            post=extend_schema(
+                operation_id="cache_entries_set",
+                summary="Write several keys",
+                description="Validation first: an invalid entry, a duplicate key or a value too large refuses the "
+                "whole batch (400/413, naming the entry in details.index and details.key) and nothing is written. "
+                "Then every entry is written with its own version and made durable before the answer, which "
+                "has one result per entry, in order. A per-key 503 means that write was not made (safe to retry).",
+                tags=["cache"],
+                parameters=COMMON_HEADERS,
+                request={"application/json": _ref("BatchSetRequest")},
+                responses={
+                    200: OpenApiResponse(_ref("BatchSetResult"), description="One result per entry."),
+                    **errors(*GATE, *BODY),
+                },
+            )
+        )
+        class Described(self.target_class):  # type: ignore[name-defined]
+            pass
+
+        return Described
+
+
+class CacheEntryBatchDeleteApiSchema(OpenApiViewExtension):
+    target_class = "cache_api.apis.CacheEntryBatchDeleteApi"
+
+    def view_replacement(self) -> Any:
+        @extend_schema_view(
+            post=extend_schema(
+                operation_id="cache_entries_delete",
+                summary="Delete several keys",
+                description="An invalid or duplicate key refuses the whole batch (400). Needs the delete scope.",
+                tags=["cache"],
+                parameters=COMMON_HEADERS,
+                request={"application/json": _ref("BatchDeleteRequest")},
+                responses={
+                    200: OpenApiResponse(_ref("BatchDeleteResult"), description="One result per key."),
+                    **errors(*GATE, *BODY),
+                },
+            )
+        )
+        class Described(self.target_class):  # type: ignore[name-defined]
+            pass
+
+        return Described
+
+
+LIST_PARAMETERS = [
+    OpenApiParameter(
+        "prefix",
+        {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{0,255}$", "maxLength": 255},
+        OpenApiParameter.QUERY,
+        description="Only keys that start with it (key characters only). An API key confined to key prefixes "
+        "may only list inside one of them (else 403).",
+    ),
+    OpenApiParameter(
+        "cursor",
+        {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,340}$"},
+        OpenApiParameter.QUERY,
+        description="Opaque: a previous page's next_cursor (anything else: 400).",
+    ),
+    OpenApiParameter(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+        OpenApiParameter.QUERY,
+        description="Keys per page, 1 to 1000 (default 100).",
+    ),
+]
+
+
+class CacheKeyListApiSchema(OpenApiViewExtension):
+    target_class = "cache_api.apis.CacheKeyListApi"
+
+    def view_replacement(self) -> Any:
+        @extend_schema_view(
+            get=extend_schema(
+                operation_id="cache_keys_list",
+                summary="List keys",
+                description="Live keys in ascending byte order, a page at a time, from PostgreSQL's index. "
+                "Read-your-writes: every write acknowledged before the request is in it (the request waits a "
+                "few seconds at most for the worker; else 503 with details.reason persist_backlog). Unknown "
+                "query parameters are refused (400).",
+                tags=["cache"],
+                parameters=[*LIST_PARAMETERS, *COMMON_HEADERS],
+                responses={200: OpenApiResponse(_ref("KeyPage"), description="A page of keys."), **errors(*GATE)},
+            )
+        )
+        class Described(self.target_class):  # type: ignore[name-defined]
+            pass
+
+        return Described
 
 
 def postprocess_schema(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
