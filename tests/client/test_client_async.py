@@ -177,7 +177,7 @@ async def test_a_plain_write_is_not_retried_after_a_read_timeout(api: Any) -> No
     transport = CountingTransport()
     async with AsyncClient(api.url, transport=transport, timeout=httpx.Timeout(5.0, read=0.0005)) as nest:
         with pytest.raises(errors.Timeout) as raised:
-            await nest.set(unique_key("maybe"), 1)
+            await nest.set(unique_key("maybe"), "x" * 500_000)  # milliseconds of work for the service
     assert raised.value.request_sent is True and len(transport.requests) == 1
 
 

@@ -353,14 +353,14 @@ def test_a_plain_write_is_not_retried_after_a_read_timeout_because_it_may_have_h
         Client(api.url, transport=transport, timeout=hasty, retries=3) as client,
         pytest.raises(errors.Timeout) as raised,
     ):
-        client.set(key, "applied?")
+        client.set(key, ["applied?", "x" * 500_000])  # half a MB: milliseconds of work for the service
     assert raised.value.request_sent is True and raised.value.status is None
     assert len(transport.requests) == 1
     # and indeed the write was applied: a blind retry would have written it a second time
     deadline = time.monotonic() + 5
     while nest.get(key) is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert nest.get_entry(key).value == "applied?"
+    assert nest.get_entry(key).value[0] == "applied?"
 
 
 def test_timeouts_accept_a_float(api: Any) -> None:

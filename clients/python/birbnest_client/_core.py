@@ -7,6 +7,7 @@ two clients only differ in how they send it (``httpx.Client`` vs ``httpx.AsyncCl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -350,3 +351,8 @@ def after_failed_retry(results: list[BatchResult], keys: set[str], error: errors
     if not isinstance(error, errors.ConnectionFailed | errors.Timeout) or not error.request_sent or error.status:
         return results
     return [BatchResult(result.key, 0, error=error) if result.key in keys else result for result in results]
+
+
+def mark_absent(results: list[BatchResult]) -> list[BatchResult]:
+    """Delete results: a key that was not there (404) has ``deleted`` False, as ``delete`` says."""
+    return [dataclasses.replace(result, deleted=False) if result.status == 404 else result for result in results]

@@ -176,12 +176,12 @@ class Client:
 
     def delete_many(self, keys: Iterable[str]) -> list[BatchResult]:
         """Delete many keys (batch deletes of ``max_batch_keys`` each): one result per key, in order
-        (``deleted`` True, or a per-key ``NOT_FOUND`` error for a key that did not exist)."""
+        (``deleted`` True; False with a per-key ``NOT_FOUND`` error for a key that did not exist)."""
         wanted = _core.unique_keys(keys)
         results: list[BatchResult] = []
         for chunk in _core.chunks(wanted, self._settings.max_batch_keys):
             results.extend(self._batch_write(_core.batch_delete_call, chunk, chunk))
-        return results
+        return _core.mark_absent(results)
 
     def _batch_write(self, make_call: Any, items: list[Any], keys: list[str]) -> list[BatchResult]:
         results = _core.batch_results(self._send(make_call(items)))
