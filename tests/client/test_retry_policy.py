@@ -254,3 +254,20 @@ async def test_async_client_retries_a_read_and_not_a_plain_write_after_a_lost_an
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_a_version_checked_write_that_runs_out_of_retries_after_a_lost_answer_says_it_may_have_happened() -> None:
+    # lost, then refused until the retries run out: the call may have been applied by the first
+    transport, sent = scripted(lost(), refused(), refused())
+    with pytest.raises(errors.Timeout) as raised:
+        client(transport, retries=2).set("k", 1, if_match=6)
+    assert raised.value.request_sent is True and len(sent) == 3
+    # lost, then 503s until the retries run out: the same
+    transport, sent = scripted(lost(), answer(503, UNAVAILABLE), answer(503, UNAVAILABLE))
+    with pytest.raises(errors.Timeout):
+        client(transport, retries=2).add("k", 1)
+    # a gateway's 502 is a lost answer too
+    transport, sent = scripted(answer(502), answer(409, {"error": "c", "code": "VERSION_MISMATCH"}))
+    with pytest.raises(errors.ConnectionFailed) as gateway:
+        client(transport).compare_and_set("k", 1, version=6)
+    assert gateway.value.request_sent is True and gateway.value.status == 502

@@ -144,23 +144,35 @@ class Attempts:
             self.unknown_outcome = mapped
         delay = self._retry()
         if delay is None:
-            raise mapped from error
+            # Giving up: an earlier attempt that may have been applied says more than this one.
+            raise (self.unknown_outcome or mapped) from error
         return delay
 
     def on_response(self, response: httpx.Response) -> float | None:
         """Seconds to wait before the next attempt, or None: this answer is the call's answer.
 
-        Raises instead when a CONDITIONAL call's 409/412 may be its own earlier attempt's doing.
+        Raises instead when a CONDITIONAL call ends in a refusal (409, 412, or 429/502/503/504
+        with no retry left) after an attempt that may have been applied: that is the answer then.
         """
         status = response.status_code
-        if status in (409, 412) and self.safety is Safety.CONDITIONAL and self.unknown_outcome is not None:
-            raise self.unknown_outcome
+        unknown = self.unknown_outcome if self.safety is Safety.CONDITIONAL else None
+        if status in (409, 412) and unknown is not None:
+            raise unknown
+        delay: float | None = None
         if status in (429, 503):
-            return self._retry(parse_retry_after(response.headers.get("Retry-After")))
-        if status in (502, 504):
+            delay = self._retry(parse_retry_after(response.headers.get("Retry-After")))
+        elif status in (502, 504):
             if self.safety is Safety.WRITE:
                 return None
             if self.safety is Safety.CONDITIONAL and self.unknown_outcome is None:
-                self.unknown_outcome = errors.from_answer(status, None)
-            return self._retry()
-        return None
+                self.unknown_outcome = errors.ConnectionFailed(
+                    f"HTTP {status} from a gateway: the answer was lost, the write may have been applied",
+                    status=status,
+                    request_sent=True,
+                )
+            delay = self._retry()
+        else:
+            return None
+        if delay is None and self.safety is Safety.CONDITIONAL and self.unknown_outcome is not None:
+            raise self.unknown_outcome
+        return delay
