@@ -366,3 +366,43 @@ def test_a_plain_write_is_not_retried_after_a_read_timeout_because_it_may_have_h
 def test_timeouts_accept_a_float(api: Any) -> None:
     with Client(api.url, timeout=0.0005, retries=0) as client, pytest.raises(errors.Timeout):
         client.get(unique_key("t"))
+
+
+def test_batch_sizes_follow_the_services_limits(api_factory: Any) -> None:
+    # a service with smaller limits: 10 keys a batch, answers of at most 4 KiB
+    small = api_factory(MAX_BATCH_KEYS="10", MAX_BATCH_RESPONSE_SIZE="4096").start()
+    prefix = unique_key("lim")
+    keys = [f"{prefix}.{i:02d}" for i in range(25)]
+    with Client(small.url) as default, pytest.raises(errors.InvalidRequest) as raised:
+        default.set_many({key: "v" for key in keys})  # 25 > 10 in one request
+    assert raised.value.status == 400
+    transport = CountingTransport()
+    with Client(small.url, max_batch_keys=10, transport=transport) as client:
+        assert all(result.ok for result in client.set_many({key: "x" * 1000 for key in keys}))
+        assert len(transport.requests) == 3
+        # 10 values of 1000 bytes are over the 4 KiB answer cap: each chunk's 413 splits it
+        transport.requests.clear()
+        found = client.get_many(keys)
+        assert list(found) == keys and found[keys[24]].value == "x" * 1000
+        assert len(transport.requests) > 3
+        assert [r.deleted for r in client.delete_many(keys)] == [True] * 25
+
+
+def test_forbidden_outside_the_api_keys_prefixes(api: Any, make_api_key: Any, worker: Any) -> None:
+    from tests.conftest import wait_published
+
+    prefix = unique_key("team") + ":"
+    token = make_api_key(key_prefixes=[prefix])
+    wait_published()
+    with Client(api.url, api_key=token) as client:
+        assert client.set(f"{prefix}a", 1).value == 1
+        assert list(client.scan(prefix)) == [f"{prefix}a"]
+        for call in (
+            lambda: client.get("elsewhere"),
+            lambda: client.set("elsewhere", 1),
+            lambda: client.get_many([f"{prefix}a", "elsewhere"]),
+            lambda: client.list_keys("elsewhere"),
+        ):
+            with pytest.raises(errors.Forbidden) as raised:
+                call()
+            assert raised.value.status == 403
