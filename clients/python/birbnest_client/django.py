@@ -40,6 +40,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_key_func
 from django.core.exceptions import ImproperlyConfigured
 
@@ -229,10 +230,31 @@ class BirbNestCache(BaseCache):
 
     @staticmethod
     def _decode(entry: Entry) -> Any:
-        marker = entry.metadata.get(_META)
-        if isinstance(marker, dict) and marker.get("encoding") == _PICKLE:
+        if _is_pickled(entry):
+            # As trusted as Django's own Redis cache: whoever may write these keys may run code here.
             return pickle.loads(base64.b64decode(entry.value))
         return entry.value
+
+    async def _aencode(self, value: Any) -> tuple[Any, dict[str, Any]]:
+        """:meth:`_encode` for the async API: pickling runs in Django's sync thread, as Django's
+        default async methods run the whole call (pickling a QuerySet evaluates it, and any
+        ``__reduce__`` may block); JSON values stay on the event loop."""
+        if _is_exact_json(value, 0):
+            return value, {}
+        return await sync_to_async(self._encode, thread_sensitive=True)(value)
+
+    async def _adecode(self, entry: Entry) -> Any:
+        if not _is_pickled(entry):
+            return entry.value
+        return await sync_to_async(self._decode, thread_sensitive=True)(entry)
+
+    async def _adecode_many(self, found: dict[str, Entry], names: dict[str, str]) -> dict[str, Any]:
+        def decode_all() -> dict[str, Any]:
+            return {names[key]: self._decode(found[key]) for key in names if key in found}
+
+        if any(_is_pickled(entry) for entry in found.values()):
+            return await sync_to_async(decode_all, thread_sensitive=True)()
+        return decode_all()
 
     @staticmethod
     def _ttl_left(entry: Entry) -> int:
@@ -250,6 +272,13 @@ class BirbNestCache(BaseCache):
             names[nest_key] = key
             entries.append({"key": nest_key, "value": stored, "ttl": ttl, "metadata": metadata})
         return entries, names
+
+    async def _aentries(
+        self, data: Mapping[str, Any], ttl: int, version: int | None
+    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        if all(_is_exact_json(value, 0) for value in data.values()):
+            return self._entries(data, ttl, version)
+        return await sync_to_async(self._entries, thread_sensitive=True)(data, ttl, version)
 
     # --- the sync API ----------------------------------------------------------------------
 
@@ -337,7 +366,7 @@ class BirbNestCache(BaseCache):
 
     async def aadd(self, key: str, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         nest_key = self.nest_key(key, version)
-        stored, metadata = self._encode(value)
+        stored, metadata = await self._aencode(value)
         ttl = self.get_backend_timeout(timeout)
         if ttl == _EXPIRED:
             return await self._aclient.get(nest_key) is None
@@ -345,11 +374,11 @@ class BirbNestCache(BaseCache):
 
     async def aget(self, key: str, default: Any = None, version: int | None = None) -> Any:
         entry = await self._aclient.get(self.nest_key(key, version))
-        return default if entry is None else self._decode(entry)
+        return default if entry is None else await self._adecode(entry)
 
     async def aset(self, key: str, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> None:
         nest_key = self.nest_key(key, version)
-        stored, metadata = self._encode(value)
+        stored, metadata = await self._aencode(value)
         ttl = self.get_backend_timeout(timeout)
         if ttl == _EXPIRED:
             await self._aclient.delete(nest_key)
@@ -371,7 +400,7 @@ class BirbNestCache(BaseCache):
         if not names:
             return {}
         found = await self._aclient.get_many(list(names))
-        return {names[nest_key]: self._decode(found[nest_key]) for nest_key in names if nest_key in found}
+        return await self._adecode_many(found, names)
 
     async def ahas_key(self, key: str, version: int | None = None) -> bool:
         return await self._aclient.get(self.nest_key(key, version)) is not None
@@ -382,8 +411,8 @@ class BirbNestCache(BaseCache):
             entry = await self._aclient.get(nest_key)
             if entry is None:
                 raise ValueError(f"Key '{key}' not found.")
-            new_value = self._decode(entry) + delta
-            stored, metadata = self._encode(new_value)
+            new_value = await self._adecode(entry) + delta
+            stored, metadata = await self._aencode(new_value)
             written = await self._aclient.compare_and_set(
                 nest_key, stored, version=entry.version, ttl=self._ttl_left(entry), metadata=metadata
             )
@@ -398,7 +427,7 @@ class BirbNestCache(BaseCache):
         if not data:
             return []
         ttl = self.get_backend_timeout(timeout)
-        entries, names = self._entries(data, ttl, version)
+        entries, names = await self._aentries(data, ttl, version)
         if ttl == _EXPIRED:
             await self._aclient.delete_many(list(names))
             return []
@@ -419,6 +448,11 @@ class BirbNestCache(BaseCache):
                 batch = []
         if batch:
             await client.delete_many(batch)
+
+
+def _is_pickled(entry: Entry) -> bool:
+    marker = entry.metadata.get(_META)
+    return isinstance(marker, dict) and marker.get("encoding") == _PICKLE
 
 
 def _is_exact_json(value: Any, depth: int) -> bool:
