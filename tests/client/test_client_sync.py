@@ -308,7 +308,7 @@ def test_service_unavailable_when_nats_is_down_is_retried_after_retry_after(api_
     assert raised.value.status == 503 and raised.value.retry_after == 1.0
     assert raised.value.details["dependency"] == "nats"
     # a 503 on a write means it was not made durable: retried twice, each after Retry-After: 1
-    assert len(transport.requests) == 3 and elapsed >= 2.0
+    assert len(transport.requests) == 3 and 2.0 <= elapsed < 4.0
 
 
 def test_a_read_is_retried_while_the_connection_is_refused_and_then_succeeds(api: Any, api_factory: Any) -> None:

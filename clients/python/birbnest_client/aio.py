@@ -96,6 +96,9 @@ class AsyncClient:
     def base_url(self) -> str:
         return self._settings.base_url
 
+    def __repr__(self) -> str:
+        return f"<AsyncClient {self._settings.base_url}>"
+
     # --- single keys -------------------------------------------------------------------------
 
     async def get(self, key: str) -> Entry | None:

@@ -91,6 +91,9 @@ class Client:
     def base_url(self) -> str:
         return self._settings.base_url
 
+    def __repr__(self) -> str:
+        return f"<Client {self._settings.base_url}>"
+
     # --- single keys -------------------------------------------------------------------------
 
     def get(self, key: str) -> Entry | None:
