@@ -249,3 +249,34 @@ def test_batch_writes_need_their_scopes_and_stay_inside_the_keys_prefixes(client
     read = client.post("/v1/cache/batch/get", {"keys": [inside, outside]}, content_type="application/json", **auth)
     assert {key: e["value"] for key, e in read.json()["entries"].items()} == {inside: 1, outside: 1}, "nothing changed"
     assert _results(batch_delete(client, [inside], **as_confined))[0]["status"] == 204
+
+
+def test_with_nats_down_each_write_answers_503_and_nothing_is_visible(client: Client, servers: Any) -> None:
+    if not servers.owns("nats"):
+        pytest.skip("NATS is not this run's own server")
+    existing, fresh = unique_key("existing"), unique_key("fresh")
+    client.post(f"/v1/cache/{existing}", {"value": "before"}, content_type="application/json")
+    servers.stop("nats")
+    try:
+        results = _results(
+            batch_set(
+                client,
+                [{"key": existing, "value": "during"}, {"key": fresh, "value": "during", "if_none_match": "*"}],
+            )
+        )
+        deleted = _results(batch_delete(client, [existing]))
+    finally:
+        servers.start("nats")
+    for result in [*results, *deleted]:
+        assert result["status"] == 503 and result["code"] == "SERVICE_UNAVAILABLE", result
+        assert result["details"]["dependency"] == "nats"
+    assert client.get(f"/v1/cache/{existing}").json()["value"] == "before"
+    assert client.get(f"/v1/cache/{fresh}").status_code == 404
+    # the failed create-only write gave its reservation back: the retry creates the key
+    retry = wait_for(
+        lambda: (r := batch_set(client, [{"key": fresh, "value": "after", "if_none_match": "*"}])).status_code == 200
+        and r.json()["results"][0]["status"] != 503
+        and r,
+        message="a write once NATS is back",
+    )
+    assert _results(retry)[0]["status"] == 201
