@@ -505,13 +505,55 @@ class CacheKeyListApiSchema(OpenApiViewExtension):
         return Described
 
 
+def _link(operation_id: str, key: str, description: str, **extra: str) -> dict[str, Any]:
+    return {"operationId": operation_id, "parameters": {"key": key, **extra}, "description": description}
+
+
+def links() -> dict[tuple[str, str, str], dict[str, Any]]:
+    """OpenAPI links between the key operations ((path, method, status) -> links): where a key and
+    its version come from for the next request. Client generators and schemathesis's stateful
+    phase follow them (a written key can be read, replaced by version, touched and deleted; a
+    deleted one is gone)."""
+    from_body = {
+        "GetEntry": _link("cache_entry_get", "$response.body#/key", "Read the entry written."),
+        "ReplaceEntryIfMatch": _link(
+            "cache_entry_put",
+            "$response.body#/key",
+            "Replace it only if it is still at this version.",
+            **{"header.If-Match": "$response.body#/version"},
+        ),
+        "TouchEntry": _link("cache_entry_touch", "$response.body#/key", "Give it a new TTL."),
+        "DeleteEntry": _link("cache_entry_delete", "$response.body#/key", "Delete it."),
+    }
+    entry = "/v1/cache/{key}"
+    return {
+        (entry, "post", "201"): from_body,
+        (entry, "post", "200"): from_body,
+        (entry, "put", "201"): from_body,
+        (entry, "put", "200"): from_body,
+        (entry, "get", "200"): {name: from_body[name] for name in ("TouchEntry", "DeleteEntry")},
+        (f"{entry}/touch", "post", "200"): {name: from_body[name] for name in ("GetEntry", "DeleteEntry")},
+        (entry, "delete", "204"): {
+            "GetDeletedEntry": _link("cache_entry_get", "$request.path.key", "The deleted key reads as 404."),
+        },
+        ("/v1/cache", "get", "200"): {
+            "GetFirstListed": _link("cache_entry_get", "$response.body#/keys/0", "Read the first key listed."),
+        },
+    }
+
+
 def postprocess_schema(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
     """Add the components and the security schemes (bearer token and X-API-Key); every data-plane
     body is required (an empty one is 400)."""
-    for item in result.get("paths", {}).values():
+    paths = result.get("paths", {})
+    for item in paths.values():
         for operation in item.values():
             if isinstance(operation, dict) and "requestBody" in operation:
                 operation["requestBody"]["required"] = True
+    for (path_, method, status), named in links().items():
+        response = paths.get(path_, {}).get(method, {}).get("responses", {}).get(status)
+        if response is not None:
+            response["links"] = named
     schemas = result.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(components())
     result["components"]["securitySchemes"] = {

@@ -8,6 +8,9 @@ service must accept:
 - If-Match and If-None-Match are not sent together (400);
 - a listing's ``cursor`` is one the service gave out (opaque; anything else is 400).
 
+And one for schemathesis itself: a header filled from a link (If-Match from a response's
+integer ``version``) arrives as an int, which requests refuses to send; it is sent as text.
+
 Each rule changes only a part that is valid on its own, so a negative case (which must be
 refused) stays invalid.
 """
@@ -30,6 +33,9 @@ VERSION = re.compile(r"[0-9]{1,19}")
 def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
     path = case.operation.path
     if isinstance(case.headers, MutableMapping):
+        for name, value in list(case.headers.items()):
+            if isinstance(value, int) and not isinstance(value, bool):
+                case.headers[name] = str(value)
         headers = {name.lower(): name for name in case.headers}
         if_match, if_none_match = headers.get("if-match"), headers.get("if-none-match")
         if (
