@@ -186,3 +186,15 @@ async def test_connection_refused_is_connection_failed() -> None:
         with pytest.raises(errors.ConnectionFailed) as raised:
             await nest.delete("k")
     assert raised.value.request_sent is False
+
+
+async def test_one_async_client_shared_by_concurrent_tasks(anest: AsyncClient) -> None:
+    prefix = unique_key("tasks")
+
+    async def work(n: int) -> int:
+        key = f"{prefix}.{n}"
+        await anest.set(key, n)
+        entry = await anest.get_entry(key)
+        return int(entry.value)
+
+    assert await asyncio.gather(*(work(n) for n in range(40))) == list(range(40))

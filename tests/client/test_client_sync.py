@@ -25,12 +25,15 @@ class CountingTransport(httpx.BaseTransport):
         self.inner = httpx.HTTPTransport(**options)
         self.requests: list[httpx.Request] = []
         self.times: list[tuple[float, float]] = []
+        self.responses: list[httpx.Response] = []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         started = time.monotonic()
         try:
-            return self.inner.handle_request(request)
+            response = self.inner.handle_request(request)
+            self.responses.append(response)
+            return response
         finally:
             self.times.append((started, time.monotonic()))
 
@@ -295,15 +298,13 @@ def test_rate_limited_honours_retry_after_and_gives_up_when_it_is_too_long(api: 
     assert time.monotonic() - started < 0.5
     # with one retry allowed, the client waits the Retry-After it was given and then succeeds
     # (a retry any earlier would land in the same window and be refused again)
-    with httpx.Client(transport=httpx.HTTPTransport(local_address=address)) as raw:
-        probe = raw.get(f"{api.url}/v1/cache/{unique_key('rl')}")
-    assert probe.status_code == 429
-    asked = float(probe.headers["Retry-After"])
-    started = time.monotonic()
-    with Client(api.url, transport=httpx.HTTPTransport(local_address=address), retries=1) as client:
+    transport = CountingTransport(local_address=address)
+    with Client(api.url, transport=transport, retries=1) as client:
         assert client.get(unique_key("rl")) is None
-    waited = time.monotonic() - started
-    assert asked - 1 <= waited <= asked + 1.5  # Retry-After is whole seconds, rounded up
+    assert [response.status_code for response in transport.responses] == [429, 404]
+    asked = float(transport.responses[0].headers["Retry-After"])
+    (pause,) = transport.pauses()
+    assert asked <= pause < asked + 0.2  # plus jitter of at most the first backoff (0.1 s)
 
 
 def test_service_unavailable_when_nats_is_down_is_retried_after_retry_after(api_factory: Any) -> None:
@@ -415,3 +416,25 @@ def test_forbidden_outside_the_api_keys_prefixes(api: Any, make_api_key: Any, wo
             with pytest.raises(errors.Forbidden) as raised:
                 call()
             assert raised.value.status == 403
+
+
+def test_one_client_shared_by_threads(nest: Client) -> None:
+    prefix = unique_key("threads")
+    failures: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(10):
+                key = f"{prefix}.{n}.{i}"
+                assert nest.set(key, [n, i]).value == [n, i]
+                assert nest.get_entry(key).value == [n, i]
+        except BaseException as error:  # reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    assert len(nest.get_many(f"{prefix}.{n}.{i}" for n in range(16) for i in range(10))) == 160

@@ -98,7 +98,13 @@ def test_errors_other_than_503_429_are_not_retried() -> None:
 
 @pytest.mark.parametrize(
     "failure",
-    [lambda: answer(503, UNAVAILABLE), refused, lambda: httpx.ConnectTimeout("slow"), lambda: answer(429, {})],
+    [
+        lambda: answer(503, UNAVAILABLE),
+        refused,
+        lambda: httpx.ConnectTimeout("slow"),
+        lambda: answer(429, {}),
+        lambda: answer(408, {"error": "too many request bodies are arriving slowly", "code": "TIMEOUT"}),
+    ],
 )
 def test_a_plain_write_is_retried_when_it_certainly_did_not_happen(failure: Callable[[], Any]) -> None:
     transport, sent = scripted(failure(), answer(201, ENTRY))

@@ -24,7 +24,9 @@ The rule, per kind of call (:class:`Safety`):
   dropped connection once the request was sent: it may have been applied, and a blind second
   attempt could overwrite a write another client made in between.
 
-Every kind is retried on 429 (the rate limiter refuses before the request is handled). The wait
+Every kind is retried on 429 (the rate limiter refuses before the request is handled) and on
+408 (the service did not read the body: none of its request threads was free to read it in time,
+or it did not arrive in time; the request was never handled, and the answer says "retry"). The wait
 is exponential backoff with full jitter (``backoff * 2**n``, at most ``max_backoff``); an answer's
 ``Retry-After`` is honoured (the wait is at least that long) when it is at most
 ``max_retry_after`` seconds; a longer one is not waited for: the error is raised at once with its
@@ -151,7 +153,7 @@ class Attempts:
     def on_response(self, response: httpx.Response) -> float | None:
         """Seconds to wait before the next attempt, or None: this answer is the call's answer.
 
-        Raises instead when a CONDITIONAL call ends in a refusal (409, 412, or 429/502/503/504
+        Raises instead when a CONDITIONAL call ends in a refusal (409, 412, or 408/429/502/503/504
         with no retry left) after an attempt that may have been applied: that is the answer then.
         """
         status = response.status_code
@@ -159,7 +161,7 @@ class Attempts:
         if status in (409, 412) and unknown is not None:
             raise unknown
         delay: float | None = None
-        if status in (429, 503):
+        if status in (408, 429, 503):
             delay = self._retry(parse_retry_after(response.headers.get("Retry-After")))
         elif status in (502, 504):
             if self.safety is Safety.WRITE:
