@@ -1,7 +1,7 @@
 """Django's own cache test suite, from the source release of the Django the project pins.
 
 ``tests/cache/`` of the sdist (tests.py, models.py and the small backends beside them) is
-downloaded once with pip into ``var/`` (gitignored) and imported as the package ``cache``, the
+downloaded once with pip into ``.venv/`` (gitignored) and imported as the package ``cache``, the
 name Django's own test runner gives it (its tests refer to ``cache.tests.custom_key_func`` and
 pickle ``cache.tests.f``). Its model (``Poll``) needs an installed app: the app ``cache`` is added
 to the app registry here, at collection time, before the test database is created (so its table
@@ -25,7 +25,11 @@ import pytest
 from tests.conftest import BASE_DIR, Worker, wait_for
 
 DJANGO_VERSION = django.__version__
-SUITE_DIR = BASE_DIR / "var" / f"django-cache-suite-{DJANGO_VERSION}"
+# Beside the installed Django it belongs to (a new venv fetches it again), not in var/, which
+# `make clean-data` empties.
+SUITE_DIR = (BASE_DIR / ".venv" if (BASE_DIR / ".venv").is_dir() else BASE_DIR / "var") / (
+    f"django-cache-suite-{DJANGO_VERSION}"
+)
 
 
 def fetch_cache_suite() -> Path:

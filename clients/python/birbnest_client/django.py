@@ -24,6 +24,9 @@ thread-safe), and one :class:`birbnest_client.AsyncClient` per configuration and
   fractions round up to whole seconds.
 - ``clear()`` deletes the keys of this cache's scope only: ``NAMESPACE + KEY_PREFIX + ":"`` with
   Django's default key function, ``NAMESPACE + KEY_PREFIX`` with a custom one.
+- Async: native on ``AsyncClient``; pickling and unpickling run in Django's sync thread.
+
+The client README's "Django cache backend" section has the details and the route of each method.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from birbnest_client import AsyncClient, Client, Entry
 
-__all__ = ["BirbNestCache"]
+__all__ = ["BirbNestCache", "IncrConflictError"]
 
 #: The service's key rule (contract: 1-255 characters of ``A-Z a-z 0-9 . _ : -``).
 _KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,255}")
