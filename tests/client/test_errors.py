@@ -49,3 +49,9 @@ def test_answers_without_the_contract_body_map_by_status() -> None:
     assert type(errors.from_answer(503, None)) is errors.ServiceUnavailable
     unknown = errors.from_answer(500, {"error": "boom", "code": "NEW_CODE"})
     assert type(unknown) is errors.InternalError and unknown.code == "NEW_CODE"
+
+
+def test_an_answered_408_did_nothing_and_a_client_timeout_may_have() -> None:
+    answered = errors.from_answer(408, {"error": "send the whole body at once", "code": "TIMEOUT"})
+    assert isinstance(answered, errors.Timeout) and answered.request_sent is False and answered.status == 408
+    assert errors.Timeout("timed out").request_sent is True

@@ -103,8 +103,10 @@ class ServiceUnavailable(_RetryAfter):
 
 
 class Timeout(BirbNestError):
-    """``TIMEOUT``: the service answered 408 (the body did not arrive in time), or the client
-    timed out waiting (status None). ``request_sent`` False means nothing reached the service."""
+    """``TIMEOUT``: the service answered 408 (it did not read the body: too slow, or no request
+    thread free to read it), or the client timed out (status None). ``request_sent`` False: the
+    call certainly did nothing (no connection was made, or the service's 408); True: it may have
+    been applied."""
 
     code = "TIMEOUT"
 
@@ -201,6 +203,9 @@ def from_answer(status: int, body: Any, retry_after: float | None = None) -> Bir
     code = code or cls.code
     if issubclass(cls, _RetryAfter):
         return cls(message, code, status, details, retry_after=retry_after)
+    if cls is Timeout:
+        # An answered 408: the service did not read the body, so the request was not handled.
+        return Timeout(message, code, status, details, request_sent=False)
     return cls(message, code, status, details)
 
 
