@@ -160,6 +160,18 @@ def test_set_many_and_delete_many_chunk_and_report_per_key(nest: Client) -> None
     assert nest.get_many(keys) == {}
 
 
+def test_a_failing_chunk_reports_the_chunks_written_before_it(nest: Client) -> None:
+    prefix = unique_key("chunks")
+    entries = [{"key": f"{prefix}.{i:03d}", "value": i} for i in range(250)]
+    entries[180]["value"] = "\u0000"  # refused by the service: the second chunk (100..199) fails whole
+    with pytest.raises(errors.InvalidRequest) as raised:
+        nest.set_many(entries)
+    assert [result.key for result in raised.value.completed] == [entry["key"] for entry in entries[:100]]
+    assert all(result.ok for result in raised.value.completed)
+    assert raised.value.details["index"] == 80  # within its own request
+    assert len(nest.get_many(entry["key"] for entry in entries)) == 100
+
+
 def test_a_batch_with_an_invalid_entry_is_refused_whole(nest: Client) -> None:
     prefix = unique_key("bad")
     with pytest.raises(errors.InvalidRequest) as raised:

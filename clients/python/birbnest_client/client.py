@@ -174,7 +174,11 @@ class Client:
         items = _core.normalize_entries(entries)
         results: list[BatchResult] = []
         for chunk in _core.chunks(items, self._settings.max_batch_keys):
-            results.extend(self._batch_write(_core.batch_set_call, chunk, [item["key"] for item in chunk]))
+            try:
+                results.extend(self._batch_write(_core.batch_set_call, chunk, [item["key"] for item in chunk]))
+            except errors.BirbNestError as error:
+                error.completed = results
+                raise
         return results
 
     def delete_many(self, keys: Iterable[str]) -> list[BatchResult]:
@@ -183,7 +187,11 @@ class Client:
         wanted = _core.unique_keys(keys)
         results: list[BatchResult] = []
         for chunk in _core.chunks(wanted, self._settings.max_batch_keys):
-            results.extend(self._batch_write(_core.batch_delete_call, chunk, chunk))
+            try:
+                results.extend(self._batch_write(_core.batch_delete_call, chunk, chunk))
+            except errors.BirbNestError as error:
+                error.completed = _core.mark_absent(results)
+                raise
         return _core.mark_absent(results)
 
     def _batch_write(self, make_call: Any, items: list[Any], keys: list[str]) -> list[BatchResult]:

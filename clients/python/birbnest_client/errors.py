@@ -27,6 +27,9 @@ class BirbNestError(Exception):
             self.code = code
         self.status = status
         self.details = details
+        #: In ``set_many`` / ``delete_many``: the results of the chunks (requests of up to
+        #: ``max_batch_keys``) that were written before the one that raised this error.
+        self.completed: list[Any] = []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, code={self.code!r}, status={self.status!r})"
