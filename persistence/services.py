@@ -2,11 +2,16 @@
 
 Write (set or delete):
   1. assign the next version for the key atomically in Redis (seeded from PostgreSQL when Redis
-     has no counter; checks ``If-Match`` in the same step);
+     has no counter; checks ``If-Match``, or ``If-None-Match: *``, in the same step);
   2. publish the persist message to ``cache.persist.<op>`` with ``Nats-Msg-Id = <key>:<version>``
      and wait for the PubAck; no PubAck -> :class:`ServiceUnavailableError`, nothing visible;
   3. store the entry (or a tombstone) in Redis unless a newer version is already there;
   then the caller answers. The worker writes PostgreSQL later (write-behind).
+A batch (``cache_entries_set_many``, ``cache_entries_delete_many``; a single write is a batch of
+one) takes each step for all its writes at once: the version scripts pipelined in one round trip
+(a key that needs a seed goes on alone), every message published concurrently and each PubAck
+awaited, the Redis stores pipelined. One message per write: de-duplication and the worker are
+the same as for single writes.
 
 Read: Redis; on a miss PostgreSQL (one query per key per process however many readers wait),
 and the row is put back in Redis with the TTL it has left.
