@@ -33,17 +33,16 @@ MAX_EXAMPLES = int(os.environ.get("BIRB_SCHEMATHESIS_EXAMPLES", "100"))
 PHASES = os.environ.get("BIRB_SCHEMATHESIS_PHASES", "examples,coverage,fuzzing,stateful")
 
 
-def test_schemathesis_finds_nothing(api: Any, worker: Any, make_api_key: Any, tmp_path: Path) -> None:
-    # given: a key with the data plane's scopes, and the document the API serves
-    token = make_api_key(scopes=["read", "write", "delete"])
-    wait_published()
+def run_schemathesis(
+    api: Any, token: str, tmp_path: Path, *, phases: str = PHASES, max_examples: int = MAX_EXAMPLES, **only: str
+) -> tuple[subprocess.CompletedProcess[str], str, int]:
+    """schemathesis on the document the API serves, as the client with ``token``; ``only``:
+    include-path=... and the like. (the run, its report, the number of operations tested)."""
     schema = httpx.get(api.url + "/v1/schema/", params={"format": "json"}, timeout=30)
     assert schema.status_code == 200, schema.text[:300]
     schema_path = tmp_path / "openapi.json"
     schema_path.write_bytes(schema.content)
     seed = int(os.environ.get("BIRB_SCHEMATHESIS_SEED") or random.randrange(2**31))
-
-    # when
     command = [
         str(SCHEMATHESIS),
         "--config-file",
@@ -55,9 +54,9 @@ def test_schemathesis_finds_nothing(api: Any, worker: Any, make_api_key: Any, tm
         "--checks",
         "all",
         "--phases",
-        PHASES,
+        phases,
         "--max-examples",
-        str(MAX_EXAMPLES),
+        str(max_examples),
         "--request-timeout",
         "10",
         "--header",
@@ -74,21 +73,55 @@ def test_schemathesis_finds_nothing(api: Any, worker: Any, make_api_key: Any, tm
         "false",
         "--suppress-health-check",
         "too_slow,filter_too_much,data_too_large",
+        *(f"--{option.replace('_', '-')}={value}" for option, value in only.items()),
     ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.integration.schemathesis_hooks", "PYTHONPATH": str(ROOT)}
     # In tmp_path: schemathesis keeps its replay files in ./.schemathesis/.
     run = subprocess.run(command, capture_output=True, text=True, timeout=360, env=env, cwd=tmp_path, check=False)
-
-    # then
-    report = run.stdout[-30000:] + run.stderr[-5000:]
+    report = f"seed {seed}\n" + run.stdout[-30000:] + run.stderr[-5000:]
     print(report)  # the phases and counts, with pytest -s
-    assert run.returncode == 0, f"schemathesis (seed {seed}) found problems:\n{report}"
-    # And it did test: every operation of the document, and every phase asked for.
     operations = sum(
         method in {"get", "put", "post", "delete", "patch"}
-        for item in schema.json()["paths"].values()
+        for path, item in schema.json()["paths"].items()
         for method in item
+        if "include_path" not in only or path == only["include_path"]
     )
+    return run, report, operations
+
+
+def test_schemathesis_finds_nothing(api: Any, worker: Any, make_api_key: Any, tmp_path: Path) -> None:
+    # given: a key with the data plane's scopes
+    token = make_api_key(scopes=["read", "write", "delete"])
+    wait_published()
+
+    # when
+    run, report, operations = run_schemathesis(api, token, tmp_path)
+
+    # then
+    assert run.returncode == 0, f"schemathesis found problems:\n{report}"
+    # And it did test: every operation of the document, and every phase asked for.
     assert f"Tested: {operations}\n" in run.stdout, report
     for phase in PHASES.split(","):
         assert f"✅ {phase.capitalize()}\n" in run.stdout, (phase, report)
+
+
+def test_schemathesis_on_the_rate_limit_settings(api: Any, make_api_key: Any, tmp_path: Path) -> None:
+    """`/admin/ratelimit` with an admin key, on its own: the run changes the session's settings
+    (they are put back after it)."""
+    from ops.ratelimit import ratelimit_settings_get, ratelimit_settings_update
+
+    before = ratelimit_settings_get()
+    token = make_api_key(scopes=["admin"])
+    wait_published()
+    try:
+        run, report, operations = run_schemathesis(
+            api, token, tmp_path, phases="examples,coverage,fuzzing", max_examples=25, include_path="/admin/ratelimit"
+        )
+    finally:
+        ratelimit_settings_update(
+            enabled=before.enabled, limit=before.limit, window=before.window, algorithm=before.algorithm, by="tests"
+        )
+        wait_published()
+
+    assert run.returncode == 0, f"schemathesis found problems:\n{report}"
+    assert operations == 2 and "Tested: 2\n" in run.stdout, report
