@@ -386,3 +386,20 @@ def test_the_async_api(make_cache: Any, raw: Client) -> None:
     asyncio.run(scenario())
     asyncio.run(scenario())  # a second event loop gets its own client
     assert not list(raw.scan(cache._scope))
+
+
+# --- the console -------------------------------------------------------------------------------
+
+
+def test_the_console_shows_json_as_json_and_pickles_as_such(make_cache: Any, admin_client: Any) -> None:
+    from django.contrib.admin.utils import quote
+
+    cache = make_cache()
+    cache.set("json", {"text": "hello"})
+    cache.set("pickled", (1, 2))
+    page = "/admin/persistence/cacheentry/{}/change/"
+    json_page = admin_client.get(page.format(quote(cache.nest_key("json")))).content.decode()
+    assert "&quot;text&quot;: &quot;hello&quot;" in json_page
+    pickle_page = admin_client.get(page.format(quote(cache.nest_key("pickled")))).content.decode()
+    assert "&quot;encoding&quot;: &quot;pickle&quot;" in pickle_page
+    assert "builtins.tuple" in pickle_page
