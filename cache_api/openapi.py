@@ -306,10 +306,16 @@ GATE = (400, 401, 403, 429, 503)
 BODY = (408, 413)
 
 
-def errors(*codes: int, **overrides: str) -> dict[int, OpenApiResponse]:
-    described = {code: ERROR_WHEN[code] for code in codes}
-    described.update({int(code[1:]): text for code, text in overrides.items()})
-    return {code: OpenApiResponse(_ref("Error"), description=text) for code, text in sorted(described.items())}
+def error_body(status: int) -> dict[str, Any]:
+    """The error body of a status: an Error whose code is the one that status always carries."""
+    code = ERROR_WHEN[status].split(":", 1)[0]
+    return {"allOf": [_ref("Error"), {"type": "object", "properties": {"code": {"type": "string", "enum": [code]}}}]}
+
+
+def errors(*statuses: int) -> dict[int, OpenApiResponse]:
+    return {
+        status: OpenApiResponse(error_body(status), description=ERROR_WHEN[status]) for status in sorted(set(statuses))
+    }
 
 
 def _entry(description: str) -> OpenApiResponse:

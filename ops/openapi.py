@@ -15,6 +15,7 @@ from ops.ratelimit.config import ALGORITHMS
 from ops.ratelimit.services import MAX_INT
 
 ERROR = {"$ref": "#/components/schemas/Error"}
+CODE_OF = {400: "INVALID_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 503: "SERVICE_UNAVAILABLE"}
 RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "required": True, "description": "Seconds to wait."}}
 
 
@@ -25,8 +26,10 @@ def _json(schema: dict[str, Any], description: str, headers: dict[str, Any] | No
     return answer
 
 
-def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    return _json(ERROR, description, headers)
+def _error(status: int, description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An Error whose code is the one the status always carries."""
+    code = {"type": "object", "properties": {"code": {"type": "string", "enum": [CODE_OF[status]]}}}
+    return _json({"allOf": [ERROR, code]}, description, headers)
 
 
 CHECK = {
@@ -106,11 +109,12 @@ RATELIMIT_CHANGE = {
 }
 ADMIN_AUTH_ERRORS = {
     "401": _error(
+        401,
         "UNAUTHORIZED: no credentials, or an unknown, revoked or expired API key.",
         {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
     ),
-    "403": _error("FORBIDDEN: the key lacks the admin scope, or the console user the permission (or CSRF)."),
-    "503": _error("SERVICE_UNAVAILABLE: PostgreSQL or Redis unreachable.", RETRY_AFTER),
+    "403": _error(403, "FORBIDDEN: the key lacks the admin scope, or the console user the permission (or CSRF)."),
+    "503": _error(503, "SERVICE_UNAVAILABLE: PostgreSQL or Redis unreachable.", RETRY_AFTER),
 }
 OPEN: list[dict[str, list[str]]] = []  # no security requirement: open to every client
 
@@ -147,6 +151,7 @@ def paths() -> dict[str, Any]:
                         },
                     },
                     "401": _error(
+                        401,
                         "UNAUTHORIZED: the Prometheus text was asked for and METRICS_TOKEN is set.",
                         {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
                     ),
@@ -170,7 +175,7 @@ def paths() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": RATELIMIT_CHANGE}}},
                 "responses": {
                     "200": _json(RATELIMIT_SETTINGS, "The settings now in force."),
-                    "400": _error("INVALID_REQUEST: not a JSON object, an unknown field or a bad value."),
+                    "400": _error(400, "INVALID_REQUEST: not a JSON object, an unknown field or a bad value."),
                     **ADMIN_AUTH_ERRORS,
                 },
             },

@@ -55,6 +55,19 @@ CONTRACT_CODES = {
     "TIMEOUT",
     "INTERNAL_ERROR",
 }
+# The code each error status carries.
+CODE_OF_STATUS = {
+    "400": "INVALID_REQUEST",
+    "401": "UNAUTHORIZED",
+    "403": "FORBIDDEN",
+    "404": "NOT_FOUND",
+    "408": "TIMEOUT",
+    "409": "VERSION_MISMATCH",
+    "412": "PRECONDITION_FAILED",
+    "413": "PAYLOAD_TOO_LARGE",
+    "429": "RATE_LIMITED",
+    "503": "SERVICE_UNAVAILABLE",
+}
 # The statuses each data-plane operation can answer, beside its success (from the routes' code:
 # the key and rate-limit middleware, the body reader and the view).
 GATE = {"400", "401", "403", "429", "503"}
@@ -125,7 +138,9 @@ def test_every_error_code_and_error_status(api: Any) -> None:
         assert statuses <= set(responses), (method, path, sorted(statuses - set(responses)))
         for status in statuses:
             body = responses[status]["content"]["application/json"]["schema"]
-            assert body == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+            error, narrowed = body["allOf"]
+            assert error == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+            assert narrowed["properties"]["code"]["enum"] == [CODE_OF_STATUS[status]], (method, path, status)
 
 
 def test_headers_and_security_schemes(api: Any) -> None:
