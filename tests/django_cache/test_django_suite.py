@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import unittest
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -87,3 +88,13 @@ def test_the_suite_is_djangos_own() -> None:
     names = [name for name in dir(BaseCacheTests) if name.startswith("test_")]
     assert len(names) >= 50, names
     assert all(callable(getattr(BirbNestCacheTests, name)) for name in names)
+
+
+def test_the_readme_lists_every_skip_with_its_reason() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "clients" / "python" / "README.md").read_text()
+    skips = readme.split("Skipped, and why:", 1)[1].split("\n\n", 2)[1]
+    for cls in (BirbNestCacheTests, BirbNestCacheAsyncApiTests):
+        for name in dir(cls):
+            method = getattr(cls, name)
+            if name.startswith("test_") and getattr(method, "__unittest_skip__", False):
+                assert f"`{name}`" in skips, name
