@@ -3,7 +3,7 @@
 The views in :mod:`cache_api.apis` parse their bodies by hand (orjson, on the hot path), so
 drf-spectacular cannot see what they take and answer. This module says it, without touching the
 views: an :class:`OpenApiViewExtension` per view swaps in a subclass decorated with
-``extend_schema``, and the bodies are JSON Schema components (``COMPONENTS``, added to the
+``extend_schema``, and the bodies are JSON Schema components (:func:`components`, added to the
 document by :func:`postprocess_schema`), written as precisely as the parsing in
 :mod:`cache_api.serializers` decides: the schemathesis run against the live API
 (tests/integration/test_schemathesis.py) fails when the two disagree either way.
@@ -40,8 +40,9 @@ ERROR_CODES = [
 ]
 # persistence.keys.KEY_PATTERN as an anchored JSON Schema pattern (ECMA-262 syntax).
 KEY_REGEX = r"^[A-Za-z0-9._:-]{1,255}$"
-# A key in a URL path: the same, minus "." and "..", which HTTP clients remove from a path as dot
-# segments (RFC 3986 5.2.4) before sending it, so no request can name them there (batch bodies can).
+# A key in a URL path: the same, minus "." and "..": HTTP clients remove those from a path as dot
+# segments (RFC 3986 5.2.4) before sending it (GET /v1/cache/. becomes GET /v1/cache, the
+# listing). Percent-encoded (%2E, %2E%2E) they reach the key; batch bodies name them plainly.
 KEY_PATH_REGEX = r"^(?!\.\.?$)[A-Za-z0-9._:-]{1,255}$"
 MAX_VERSION = 2**63 - 1
 
@@ -282,8 +283,8 @@ KEY_IN_PATH = OpenApiParameter(
     "key",
     {"type": "string", "pattern": KEY_PATH_REGEX, "minLength": 1, "maxLength": 255},
     OpenApiParameter.PATH,
-    description='1-255 characters from A-Z a-z 0-9 . _ : - (anything else: 400). "." and ".." cannot be '
-    "sent in a URL path (clients remove them as dot segments): use the batch routes for them.",
+    description='1-255 characters from A-Z a-z 0-9 . _ : - (anything else: 400). The keys "." and ".." '
+    "must be sent percent-encoded (%2E, %2E%2E): clients remove them from a path as dot segments.",
 )
 
 # Error answers -------------------------------------------------------------------------------
