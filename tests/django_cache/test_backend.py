@@ -340,15 +340,29 @@ def test_caches_of_one_configuration_share_one_client(nest_url: str) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_api_key_option_is_sent(make_cache: Any, make_api_key: Any) -> None:
-    token = make_api_key(scopes=["read", "write", "delete"])
+def test_an_api_key_confined_to_the_namespace_is_enough(make_cache: Any, make_api_key: Any) -> None:
+    # given: a key with the three scopes the backend needs, confined to the cache's namespace
+    namespace = f"t{unique_key('')[1:9]}:"
+    token = make_api_key(scopes=["read", "write", "delete"], key_prefixes=[namespace])
     wait_published()
-    with_key = make_cache(OPTIONS={"API_KEY": token})
-    without = make_cache()
-    with_key.set("k", "v")
-    assert with_key.get("k") == "v"
+    cache = make_cache(OPTIONS={"API_KEY": token, "NAMESPACE": namespace})
+    # then: every kind of call works inside it
+    cache.set("k", "v")
+    assert cache.add("a", (1,)) is True
+    assert cache.set_many({"x": 1, "y": 2}) == []
+    assert cache.incr("x") == 2
+    assert cache.touch("y", None) is True
+    assert cache.get_many(["k", "a", "x", "y"]) == {"k": "v", "a": (1,), "x": 2, "y": 2}
+    cache.delete_many(["x"])
+    assert cache.delete("y") is True
+    cache.clear()
+    assert cache.get_many(["k", "a"]) == {}
+    # and without the key the service refuses (keys exist now, so loopback is no longer enough)
     with pytest.raises(errors.Unauthorized):
-        without.get("k")
+        make_cache(OPTIONS={"NAMESPACE": namespace}).get("k")
+    # and the key cannot reach outside its namespace
+    with pytest.raises(errors.Forbidden):
+        make_cache(OPTIONS={"API_KEY": token}).get("k")
 
 
 # --- the async API -----------------------------------------------------------------------------
