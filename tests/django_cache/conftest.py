@@ -42,7 +42,7 @@ def fetch_cache_suite() -> Path:
         download = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
              "--no-binary", ":all:", "--dest", tmp, f"Django=={DJANGO_VERSION}"],
-            capture_output=True, text=True, check=False,
+            capture_output=True, text=True, check=False, timeout=300,
         )  # fmt: skip
         sdists = list(Path(tmp).glob("[Dd]jango-*.tar.gz"))
         if download.returncode != 0 or not sdists:
