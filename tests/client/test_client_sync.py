@@ -450,3 +450,15 @@ def test_one_client_shared_by_threads(nest: Client) -> None:
         thread.join(60)
     assert failures == []
     assert len(nest.get_many(f"{prefix}.{n}.{i}" for n in range(16) for i in range(10))) == 160
+
+
+@pytest.mark.parametrize("dots", [".", ".."])
+def test_the_keys_dot_and_dot_dot_are_keys_not_path_segments(nest: Client, dots: str) -> None:
+    # An HTTP client drops "." and ".." segments from a path (RFC 3986 dot-segment removal):
+    # sent as they are, they would write to /v1/cache (the listing) or /v1.
+    nest.delete(dots)
+    written = nest.set(dots, {"dots": dots})
+    assert written.key == dots
+    assert nest.get_entry(dots).value == {"dots": dots}
+    assert nest.touch(dots, 60) is not None
+    assert nest.delete(dots) is True

@@ -67,7 +67,12 @@ def validate_ttl(ttl: object, field_name: str = "ttl") -> int | None:
 
 def entry_path(key: str, suffix: str = "") -> str:
     # Keys never need quoting (their alphabet is URL-safe), but the path is built safely anyway.
-    return "/v1/cache/" + quote(validate_key(key), safe="") + suffix
+    # The keys "." and ".." would be dot segments, which URL normalisation removes (RFC 3986
+    # 5.2.4): "/v1/cache/." would reach the listing. Percent-encoded, they stay keys.
+    quoted = quote(validate_key(key), safe="")
+    if quoted in (".", ".."):
+        quoted = quoted.replace(".", "%2E")
+    return "/v1/cache/" + quoted + suffix
 
 
 def chunks(items: list[T], size: int) -> Iterator[list[T]]:
