@@ -28,6 +28,8 @@ ENDPOINTS = [
     "POST /v1/cache/batch/delete",
     "POST /v1/cache/{key}/touch",
     "GET /v1/cache?prefix=&cursor=&limit=",
+    "GET /v1/schema/",
+    "GET /v1/schema/docs/",
     "GET /health",
     "GET /metrics",
     "GET /metrics/prometheus",

@@ -15,6 +15,7 @@ def test_root_lists_the_endpoints(api) -> None:
     body = httpx.get(api.url + "/").json()
     assert body["service"] == "birb-nest" and body["version"]
     assert "GET /v1/cache/{key}" in body["endpoints"]
+    assert "GET /v1/schema/" in body["endpoints"]
 
 
 def test_health_checks_all_three_servers(api) -> None:
