@@ -120,9 +120,18 @@ def nest_url(api: Any, suite_worker: Worker) -> str:
 
 def remove_namespace(url: str, prefix: str) -> None:
     """Delete every key under ``prefix`` (what a module leaves behind in the session's service)."""
-    from birbnest_client import Client
+    from birbnest_client import Client, errors
 
-    with Client(base_url=url) as client:
-        keys = list(client.scan(prefix))
-        if keys:
-            client.delete_many(keys)
+    def removed() -> bool:
+        # Another module's fault (PostgreSQL stopped, its breaker open) may still be in the
+        # service's way: a 503 is waited out, not reported as this module's failure.
+        try:
+            with Client(base_url=url) as client:
+                keys = list(client.scan(prefix))
+                if keys:
+                    client.delete_many(keys)
+        except errors.ServiceUnavailable:
+            return False
+        return True
+
+    wait_for(removed, timeout=60, interval=1, message=f"the keys under {prefix!r} deleted")

@@ -90,6 +90,8 @@ def test_the_suite_is_djangos_own() -> None:
     assert all(callable(getattr(BirbNestCacheTests, name)) for name in names)
 
 
+@pytest.mark.django_db  # ordered with the suite's classes: unmarked, pytest-django runs it last,
+# and this module's worker and service fixtures would stay up through every other module's tests
 def test_the_readme_lists_every_skip_with_its_reason() -> None:
     readme = (Path(__file__).resolve().parents[2] / "clients" / "python" / "README.md").read_text()
     skips = readme.split("Skipped, and why:", 1)[1].split("\n\n", 2)[1]
