@@ -9,9 +9,10 @@ body and never send it used to hold every request thread, and nothing, ``/health
 was answered. So here:
 
 - **Slots.** At most half the request threads of a process read a body at any moment. A
-  request that finds no slot free within :data:`SLOT_WAIT` is answered 408 at once, without
-  reading its body, and its connection is closed. Slow senders can never take the threads
-  that answer everyone else.
+  request that finds no slot free waits while a slot is held by a young read (see
+  :data:`SLOW_READ`); when every slot is held by a read that stalled, or after
+  :data:`MAX_SLOT_WAIT`, it is answered 408 without reading its body, and its connection is
+  closed. Slow senders can never take the threads that answer everyone else.
 - **A deadline.** A body that has not arrived within ``REQUEST_BODY_TIMEOUT`` is cut off: a
   watchdog thread shuts the read side of the request's connection (found among this process's
   sockets by the client's address, on the API port, having received nothing for as long as the
@@ -45,8 +46,13 @@ from birbnest.errors import error_response
 
 logger = logging.getLogger(__name__)
 
-# How long a request waits for a free body slot before it is answered 408 unread.
-SLOT_WAIT = 0.02
+# A request waits for a free body slot while some slot is held by a read younger than SLOW_READ
+# (a sender still sending, or a reading thread the machine paused: both end soon), for at most
+# MAX_SLOT_WAIT; once every slot is held by a read older than SLOW_READ (senders that stalled),
+# it is answered 408 unread at once. Checked every SLOT_POLL.
+SLOW_READ = 0.2
+MAX_SLOT_WAIT = 1.0
+SLOT_POLL = 0.01
 # struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; tcpi_last_data_recv is the 12th
 # u32 (milliseconds since data last arrived).
 _TCP_INFO_SIZE = 104
@@ -161,8 +167,21 @@ class BodyReader:
     def __init__(self, *, timeout: float, slots: int, max_size: int) -> None:
         self.timeout = timeout
         self.max_size = max_size
+        self.slot_count = slots
         self.slots = threading.BoundedSemaphore(slots)
+        # When each read that holds a slot began (by a token of its own).
+        self.reading: dict[object, float] = {}
         self.watchdog = _Watchdog(timeout)
+
+    def _acquire_slot(self) -> bool:
+        deadline = time.monotonic() + MAX_SLOT_WAIT
+        while not self.slots.acquire(timeout=SLOT_POLL):
+            now = time.monotonic()
+            begun = list(self.reading.values())
+            stalled = len(begun) >= self.slot_count and all(now - started >= SLOW_READ for started in begun)
+            if stalled or now >= deadline:
+                return False
+        return True
 
     def read(self, environ: dict[str, Any]) -> bytes | None:
         """The whole body (None when the request has none); raises the errors above."""
@@ -177,13 +196,16 @@ class BodyReader:
             return None  # nothing to read, or refused by Django from the header alone (413)
         else:
             size = announced
-        if not self.slots.acquire(timeout=SLOT_WAIT):
+        if not self._acquire_slot():
             raise BodyTimeoutError("too many request bodies are arriving slowly at the moment; retry")
         started = time.monotonic()
+        token = object()
+        self.reading[token] = started
         try:
             with self.watchdog.watching(*_client_address(environ)):
                 body = bytes(environ["wsgi.input"].read(size))
         finally:
+            del self.reading[token]
             self.slots.release()
         # Cut short by the watchdog (its own deadline, or its connection found idle as long when
         # another request's deadline came): a timeout, not a client that hung up.
