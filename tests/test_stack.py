@@ -412,3 +412,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_signals_until_the_very_end_still_give_exit_code_0(data_dir: Path, tmp_path: Path) -> None:
+    # A SIGTERM every 5 ms from the first to the process's exit (a supervisor that keeps
+    # forwarding): one landing while Python exits found the default action restored there and
+    # killed the process (-15) after everything had stopped cleanly (seen in a CI run).
+    watched = Watched("servers", data_dir, tmp_path / "stack.log")
+    try:
+        watched.wait_until(lambda: (data_dir / "stack.env").exists(), "stack.env")
+        while watched.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                watched.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.005)
+        code = watched.wait_exited()
+    finally:
+        if watched.proc.poll() is None:
+            watched.proc.kill()
+    assert_all_stopped(watched)
+    assert code == 0, watched.log()

@@ -1038,6 +1038,12 @@ def _serve(with_apps: bool) -> int:
             stack.stop()
         if supervisor is not None:
             supervisor.record(stopped=True)
+        # Everything is stopped: later signals are ignored. Python's exit would otherwise put back
+        # the default action of a signal it had a handler for, and one SIGTERM landing then (the
+        # last of a burst) killed the process, exit status -15 instead of 0. An ignored signal
+        # stays ignored through the exit.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _control_server(data_dir: Path) -> ControlServer | None:
