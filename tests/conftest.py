@@ -441,3 +441,54 @@ def clear_of_window_edge(window: int, margin: float = 5.0) -> None:
     left = window - time.time() % window
     if left < margin:
         time.sleep(left + 0.05)
+
+
+# --- a clean exit --------------------------------------------------------------------------------
+# A test that leaves a non-daemon thread running (a worker loop that never stopped, an executor
+# thread stuck in a call) makes the interpreter wait for it at exit, after the summary: a CI run
+# that finished its tests in 20 minutes was killed at its 90-minute limit that way. Such threads
+# get a few seconds; then their stacks are printed and the process exits with the run's status.
+_EXIT_STATUS: list[int] = []
+LINGERING_THREAD_GRACE = 10.0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import threading
+    import traceback
+
+    def lingering() -> list[threading.Thread]:
+        return [
+            t
+            for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon and t.is_alive() and not _idle_executor_thread(t)
+        ]
+
+    deadline = time.monotonic() + LINGERING_THREAD_GRACE
+    while lingering() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    threads = lingering()
+    if not threads or not _EXIT_STATUS:
+        return
+    frames = sys._current_frames()
+    lines = [f"\n{len(threads)} thread(s) still running after the session; exiting without waiting for them:"]
+    for thread in threads:
+        lines.append(f"--- {thread.name}")
+        lines.extend(traceback.format_stack(frames[thread.ident]) if thread.ident in frames else ["(no frame)"])
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(_EXIT_STATUS[-1])
+
+
+def _idle_executor_thread(thread: Any) -> bool:
+    """A ThreadPoolExecutor's thread blocked in its queue's get(): Python's exit stops it at once."""
+    frame = sys._current_frames().get(thread.ident)
+    return (
+        frame is not None
+        and frame.f_code.co_name == "_worker"
+        and frame.f_code.co_filename.endswith("concurrent/futures/thread.py")
+    )

@@ -532,6 +532,13 @@ async def run_async(
             loop.add_signal_handler(signal.SIGUSR1, worker.request_reload)
         try:
             await worker.run()
+        except Exception as error:
+            if not js.is_closed:
+                raise
+            # Closed for good before the loop's own check could see it (while subscribing, say):
+            # the same as a connection lost mid-run.
+            logger.error("NATS closed the connection (%s: %s); connecting again", type(error).__name__, error)
+            worker.connection_lost = True
         finally:
             await js.close()
         persisted, dead_lettered = persisted + worker.persisted, dead_lettered + worker.dead_lettered

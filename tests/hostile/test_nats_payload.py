@@ -146,7 +146,8 @@ def test_the_worker_connects_again_when_nats_closed_its_connection(transactional
     worker_loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     config = replace(WorkerConfig.from_settings(), batch_timeout=0.1)
-    thread = threading.Thread(target=lambda: worker_loop.run_until_complete(loop.run_async(config, stop)))
+    # daemon: a worker that never stops must fail this test, not hang the interpreter's exit
+    thread = threading.Thread(daemon=True, target=lambda: worker_loop.run_until_complete(loop.run_async(config, stop)))
     thread.start()
     try:
         wait_for(lambda: connections, timeout=20, message="the worker to connect")
@@ -159,6 +160,52 @@ def test_the_worker_connects_again_when_nats_closed_its_connection(transactional
         # then it connects again and goes on persisting writes
         wait_for(lambda: len(connections) > 1, timeout=20, message="the worker to connect again")
         key = unique_key("after-close")
+        services.cache_entry_set(key=key, value_json=b"1", ttl=None)
+        wait_for(lambda: CacheEntry.objects.filter(key=key).exists(), timeout=20, message="the write persisted")
+    finally:
+        worker_loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+
+
+def test_the_worker_connects_again_when_nats_closed_its_connection_before_it_subscribed(
+    transactional_db, monkeypatch
+) -> None:
+    """The window between connecting and subscribing: a CI run's worker died there with
+    ConnectionClosedError from pull_subscribe_bind instead of connecting again."""
+    from persistence import jetstream, services
+    from persistence.models import CacheEntry
+    from persistence.worker import loop
+    from persistence.worker.config import WorkerConfig
+
+    # given the first connection is closed for good just after the worker set up its consumer
+    connections: list[jetstream.JetStream] = []
+    ensure_consumer = jetstream.JetStream.ensure_consumer
+
+    async def closing_after_setup(self) -> None:
+        await ensure_consumer(self)
+        connections.append(self)
+        if len(connections) == 1:
+            await self.nc.close()
+
+    monkeypatch.setattr(jetstream.JetStream, "ensure_consumer", closing_after_setup)
+    worker_loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    config = replace(WorkerConfig.from_settings(), batch_timeout=0.1)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker_loop.run_until_complete(loop.run_async(config, stop))
+        except BaseException as error:
+            failure.append(error)
+
+    thread = threading.Thread(daemon=True, target=run)
+    thread.start()
+    try:
+        # then the worker does not die: it connects again and goes on persisting writes
+        wait_for(lambda: len(connections) > 1 or failure, timeout=20, message="the worker to connect again")
+        assert not failure, f"the worker died: {failure[0]!r}"
+        key = unique_key("after-early-close")
         services.cache_entry_set(key=key, value_json=b"1", ttl=None)
         wait_for(lambda: CacheEntry.objects.filter(key=key).exists(), timeout=20, message="the write persisted")
     finally:
