@@ -24,6 +24,8 @@ import dj_database_url
 import httpx
 import pytest
 
+from tests.cluster.nats_fixtures import nats_cluster  # noqa: F401 - session fixture for every directory
+from tests.cluster.redis_fixtures import redis_cluster  # noqa: F401 - session fixture for every directory
 from tools.stack import Stack, make_temp_data_dir, start_stack
 
 BASE_DIR = Path(__file__).resolve().parent.parent

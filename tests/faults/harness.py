@@ -170,8 +170,10 @@ class FaultWriter(WriterThreads):
         timeout: float = 30.0,
         seed: int | None = None,
         extra_keys: dict[int, list[str]] | None = None,
+        base_urls: list[str] | None = None,
     ) -> None:
         self.base_url = base_url
+        self.base_urls = base_urls
         self.threads = threads
         self.keys_per_thread = keys_per_thread
         self.delete_ratio = delete_ratio
@@ -186,6 +188,11 @@ class FaultWriter(WriterThreads):
         self.not_found_deletes = 0  # DELETE of a key the thread believes live answered 404
         self.acknowledged = 0
         self._start_threads(threads, "fault-writer")
+
+    def url_for(self, n: int) -> str:
+        """The API thread ``n`` writes through: ``base_url``, or with ``base_urls`` (several APIs)
+        the n-th of them, round robin (each key still has one writer, so its order is known)."""
+        return self.base_urls[n % len(self.base_urls)] if self.base_urls else self.base_url
 
     def key_name(self, n: int, slot: int, gen: int) -> str:
         return f"{self.prefix}-{n}-{slot}" + (f".{gen}" if gen else "")
@@ -214,7 +221,7 @@ class FaultWriter(WriterThreads):
                     op = Op(SET, value={"t": n, "i": i, "s": self.seed})
                     method = rng.choice(("POST", "PUT"))
                     body = {"value": op.value}
-                url = f"{self.base_url}/v1/cache/{log.key}"
+                url = f"{self.url_for(n)}/v1/cache/{log.key}"
                 try:
                     response = http.request(method, url, json=body)
                 except httpx.ConnectError as error:
@@ -452,30 +459,41 @@ def consumer_busy() -> bool:
 
 
 def settle(
-    writer: FaultWriter, *, fault: str, dlq_before: int, timeout: float = 90.0, stable_for: float = 3.0
+    writer: FaultWriter,
+    *,
+    fault: str,
+    dlq_before: int,
+    timeout: float = 90.0,
+    stable_for: float = 3.0,
+    idle: Any = None,
+    dlq_seq: Any = None,
 ) -> Verdict:
     """Wait for the worker to drain (nothing pending or unacknowledged on the consumer, so
     messages a killed worker held have been redelivered and applied) and for PostgreSQL to show
     every acknowledged write; give up on the latter once the verdict has not changed for
-    ``stable_for`` seconds with the consumer idle, or at ``timeout``. Returns the verdict."""
+    ``stable_for`` seconds with the consumer idle, or at ``timeout``. Returns the verdict.
+    ``idle`` and ``dlq_seq`` replace :func:`consumer_idle` and :func:`dlq_last_seq` (another
+    NATS than the session's: a cluster)."""
+    idle_now = idle or consumer_idle
+    dlq_now = dlq_seq or dlq_last_seq
     deadline = time.monotonic() + timeout
     stable_since: float | None = None
     last_line = ""
     verdict: Verdict | None = None
     while True:
         try:
-            idle = consumer_idle()
-            verdict = check_postgresql(writer, fault=fault, dlq=dlq_last_seq() - dlq_before)
+            is_idle = idle_now()
+            verdict = check_postgresql(writer, fault=fault, dlq=dlq_now() - dlq_before)
         except Exception as error:  # a server still coming back
             print(f"settle: {type(error).__name__}: {error}", flush=True)
             if time.monotonic() > deadline and verdict is not None:
                 return verdict
             time.sleep(0.5)
             continue
-        if idle and verdict.ok:
+        if is_idle and verdict.ok:
             return verdict
         line = verdict.summary_line()
-        if idle and line == last_line:
+        if is_idle and line == last_line:
             stable_since = stable_since or time.monotonic()
             if time.monotonic() - stable_since >= stable_for:
                 return verdict
