@@ -14,7 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,121 @@ def parse_url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     scheme = raw.split("://", 1)[0] if "://" in raw else ""
     if scheme not in schemes:
         raise ConfigError(name, raw, f"is not a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    return raw
+
+
+def parse_url_list(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    """One URL or a comma-separated list of them (the servers of a cluster); the raw string is kept."""
+    items = [item.strip() for item in raw.split(",")]
+    if raw and not any(items):
+        raise ConfigError(name, raw, "is empty (give one URL, or several separated by commas)")
+    for item in items:
+        if not item:
+            continue
+        scheme, sep, rest = item.partition("://")
+        if not sep or scheme not in schemes or not rest.strip("/"):
+            starts = " or ".join(s + "://" for s in schemes)
+            raise ConfigError(name, raw, f"is not a URL starting with {starts} (or a comma-separated list of them)")
+    return raw
+
+
+def url_list(raw: str) -> tuple[str, ...]:
+    """The items of a comma-separated URL list, blanks dropped."""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+REDIS_CLUSTER_SCHEME = "redis+cluster"
+_REDIS_SCHEMES = ("redis", "rediss", "unix", REDIS_CLUSTER_SCHEME)
+_REDIS_CLUSTER_URL_HELP = (
+    "is not a Redis Cluster URL (expected redis+cluster://host:port[,host:port...][/0], "
+    "with an optional user:password@ before the first node)"
+)
+
+
+@dataclass(frozen=True)
+class RedisClusterSeeds:
+    """What a cluster URL says: the seed nodes, and the credentials (percent-decoded) if any."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+
+
+def _host_port(name: str, raw: str, item: str) -> tuple[str, int]:
+    port_text: str | None
+    if item.startswith("["):  # an IPv6 address: [::1]:7000
+        host, _, rest = item[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ("" if not rest else None)
+    else:
+        host, colon, port_text = item.rpartition(":")
+        if not colon:
+            host, port_text = item, ""
+        if ":" in host:
+            port_text = None
+    if not host or port_text is None or "/" in host:
+        raise ConfigError(name, raw, _REDIS_CLUSTER_URL_HELP)
+    if not port_text:
+        return host, 6379
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(name, raw, f"{_REDIS_CLUSTER_URL_HELP}: bad port {port_text!r}")
+    return host, int(port_text)
+
+
+def redis_cluster_seeds(url: str, *, name: str = "REDIS_URL") -> RedisClusterSeeds:
+    """The seeds of a cluster: every node of a ``redis+cluster://`` URL, or the one node of a plain URL.
+
+    A cluster has only database 0, so any other database in the URL is refused; so is a unix socket.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    scheme, _, rest = url.partition("://")
+    if scheme == REDIS_CLUSTER_SCHEME:
+        userinfo, _, hosts = rest.rpartition("@")
+        hosts, _, path = hosts.partition("/")
+        if path not in ("", "0"):
+            raise ConfigError(name, url, _REDIS_CLUSTER_URL_HELP + "; a cluster has only database 0")
+        nodes = tuple(_host_port(name, url, item.strip()) for item in hosts.split(",") if item.strip())
+        if not nodes:
+            raise ConfigError(name, url, _REDIS_CLUSTER_URL_HELP)
+        username, has_password, password = userinfo.partition(":")
+        return RedisClusterSeeds(
+            nodes=nodes,
+            username=unquote(username) or None,
+            password=unquote(password) if has_password else None,
+        )
+    if scheme not in ("redis", "rediss"):
+        raise ConfigError(name, url, "is not a TCP Redis URL (a cluster is reached over redis:// or rediss://)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError:
+        raise ConfigError(name, url, "is not a Redis URL with a valid host:port") from None
+    if parts.path.strip("/") not in ("", "0") or not parts.hostname:
+        raise ConfigError(name, url, "is not usable for a Redis Cluster (it needs a host, and only database 0 exists)")
+    return RedisClusterSeeds(
+        nodes=((parts.hostname, port),),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+def parse_redis_url(name: str, raw: str) -> str:
+    """``redis://``, ``rediss://``, ``unix://``, or ``redis+cluster://seed,seed[/0]``."""
+    parse_url(name, raw, _REDIS_SCHEMES)
+    if raw.startswith(REDIS_CLUSTER_SCHEME + "://"):
+        redis_cluster_seeds(raw, name=name)
+    return raw
+
+
+def parse_key_prefix(name: str, raw: str) -> str:
+    """A Redis key prefix; braces are refused, since a hash tag in it would put every key in one slot."""
+    if "{" in raw or "}" in raw:
+        raise ConfigError(
+            name,
+            raw,
+            "contains { or }: a Redis Cluster hash tag in the prefix would decide every key's slot "
+            "(remove the braces, e.g. birb:)",
+        )
     return raw
 
 
@@ -169,8 +284,37 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "DATABASE_URL", "", _url("postgres", "postgresql"), "PostgreSQL URL; unset = the server `make run` started."
     ),
-    Setting("REDIS_URL", "", _url("redis", "rediss", "unix"), "Redis URL; unset = the server `make run` started."),
-    Setting("NATS_URL", "", _url("nats", "tls"), "NATS URL; unset = the server `make run` started."),
+    Setting(
+        "REDIS_URL",
+        "",
+        parse_redis_url,
+        "Redis URL, or redis+cluster://host:port,host:port[/0] for a Redis Cluster's seed nodes; "
+        "unset = the server `make run` started.",
+    ),
+    Setting(
+        "REDIS_CLUSTER",
+        "false",
+        parse_bool,
+        "REDIS_URL's redis:// node is a seed of a Redis Cluster (a redis+cluster:// URL implies it).",
+    ),
+    Setting(
+        "REDIS_CLUSTER_WAIT_REPLICAS",
+        "1",
+        _int(0, 5),
+        "On a Redis Cluster: replicas a write waits for (WAIT) before it is answered (0 = none).",
+    ),
+    Setting(
+        "NATS_URL",
+        "",
+        lambda name, raw: parse_url_list(name, raw, ("nats", "tls")),
+        "NATS URL, or a comma-separated list of a cluster's servers; unset = the server `make run` started.",
+    ),
+    Setting(
+        "JETSTREAM_REPLICAS",
+        "1",
+        _int(1, 5),
+        "Replicas of both JetStream streams (3 on a three-node NATS cluster); existing streams are updated.",
+    ),
     Setting("REDIS_DEFAULT_TTL", "0", _int(0), "TTL in seconds for writes that give none (0 = no expiry)."),
     Setting("MAX_VALUE_SIZE", "1048576", _int(1), "Largest accepted value, in bytes of JSON."),
     Setting("MAX_BATCH_KEYS", "100", _int(1, 10000), "Most keys in one batch get."),
@@ -316,7 +460,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("BIRB_ENV_FILE", "", _str, "The .env file read at start and by the worker on SIGUSR1 (default ./.env)."),
     Setting("BIRB_DATA_DIR", "", _str, "Where `make run` keeps server data and its URLs (default ./var)."),
-    Setting("REDIS_KEY_PREFIX", "birb:", _str, "Prefix of every Redis key the service writes."),
+    Setting(
+        "REDIS_KEY_PREFIX",
+        "birb:",
+        parse_key_prefix,
+        "Prefix of every Redis key the service writes (no { or }: Redis Cluster hash tags are the service's).",
+    ),
     Setting("BIRB_STREAM", "BIRB_CACHE", parse_nats_name, "JetStream stream of persist messages."),
     Setting("BIRB_DLQ_STREAM", "BIRB_CACHE_DLQ", parse_nats_name, "JetStream stream of dead letters."),
     Setting("BIRB_SUBJECT_PREFIX", "cache", parse_nats_name, "First token of stream subjects."),
@@ -335,7 +484,10 @@ class Config:
     api_threads: int
     database_url: str
     redis_url: str
+    redis_cluster: bool
+    redis_cluster_wait_replicas: int
     nats_url: str
+    jetstream_replicas: int
     redis_default_ttl: int
     max_value_size: int
     max_batch_keys: int
@@ -384,6 +536,18 @@ class Config:
     def data_dir(self) -> Path:
         return Path(self.birb_data_dir) if self.birb_data_dir else BASE_DIR / "var"
 
+    @property
+    def nats_servers(self) -> tuple[str, ...]:
+        """NATS_URL's servers, in order (one for a single server)."""
+        return url_list(self.nats_url)
+
+    @property
+    def redis_cluster_nodes(self) -> tuple[tuple[str, int], ...]:
+        """The Redis Cluster seed nodes as (host, port); empty when Redis is not a cluster."""
+        if not self.redis_cluster or not self.redis_url:
+            return ()
+        return redis_cluster_seeds(self.redis_url).nodes
+
 
 _FIELDS, _NAMES = [f.name for f in fields(Config)], [s.name.lower() for s in SETTINGS]
 assert _FIELDS == _NAMES, f"Config fields and SETTINGS differ: {set(_FIELDS) ^ set(_NAMES)} or their order"
@@ -399,6 +563,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             raw = setting.default
         values[setting.name.lower()] = setting.parse(setting.name, raw)
     config = Config(**values)
+    if config.redis_url.startswith(REDIS_CLUSTER_SCHEME + "://") and not config.redis_cluster:
+        config = replace(config, redis_cluster=True)
+    if config.redis_cluster and config.redis_url:
+        redis_cluster_seeds(config.redis_url)  # a unix socket or a database other than 0 stops here
     if not config.debug and not config.secret_key:
         raise ConfigError(
             "SECRET_KEY", "", "is required when DEBUG is off (set SECRET_KEY, or DEBUG=true for development)"
