@@ -274,6 +274,143 @@ def test_published_ports_are_loopback_only(compose: dict[str, Any]) -> None:
     assert api_ports == ["127.0.0.1:8081:8080"], "API_PORT in .env moves the host port"
 
 
+# --- the `cluster` profile ------------------------------------------------------------------------
+
+CLUSTER_REDIS = tuple(f"cluster-redis-{i}" for i in range(1, 7))
+CLUSTER_NATS = tuple(f"cluster-nats-{i}" for i in range(1, 4))
+CLUSTER_APPS = ("cluster-api-1", "cluster-api-2", "cluster-worker-1", "cluster-worker-2")
+CLUSTER_SERVICES = (
+    "cluster-postgres",
+    *CLUSTER_REDIS,
+    "cluster-redis-init",
+    *CLUSTER_NATS,
+    "cluster-migrate",
+    *CLUSTER_APPS,
+)
+
+
+def _options(cmd: list[str]) -> dict[str, str]:
+    return {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("-")}
+
+
+def test_cluster_profile_has_the_topology_and_stays_out_of_the_default(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    cluster = sorted(name for name, service in services.items() if "cluster" in (service.get("profiles") or []))
+    assert cluster == sorted(CLUSTER_SERVICES)
+    for name in cluster:
+        assert services[name]["profiles"] == ["cluster"], name
+        assert services[name]["container_name"] == f"birb-nest-{name}", name
+    # `docker compose up` starts every service without a profile: none of them may need a cluster one.
+    for name, service in services.items():
+        if not service.get("profiles"):
+            assert not set(service.get("depends_on") or {}) & set(CLUSTER_SERVICES), name
+    names = [service.get("container_name") for service in services.values()]
+    assert len(names) == len(set(names)), "container names are unique"
+
+
+def test_cluster_redis_nodes_are_cluster_enabled_with_aof_on_volumes_of_their_own(compose: dict[str, Any]) -> None:
+    services, volumes = compose["services"], []
+    for name in CLUSTER_REDIS:
+        node = services[name]
+        assert node["image"].startswith("redis:7"), name
+        options = _options(command(node))
+        assert options["--cluster-enabled"] == "yes" and options["--cluster-config-file"] == "nodes.conf", name
+        assert (options["--appendonly"], options["--appendfsync"], options["--dir"]) == ("yes", "everysec", "/data")
+        # MOVED/ASK name the node as the apps reach it on birb-net.
+        assert options["--cluster-announce-hostname"] == name, name
+        assert options["--cluster-preferred-endpoint-type"] == "hostname", name
+        assert 1000 <= int(options["--cluster-node-timeout"]) <= 15000, name
+        mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in node["volumes"]}
+        assert mounts["/data"] in compose["volumes"], name
+        volumes.append(mounts["/data"])
+        assert "ping" in " ".join(node["healthcheck"]["test"]), name
+    assert len(set(volumes)) == len(CLUSTER_REDIS), "one volume per node"
+
+
+def test_cluster_redis_init_forms_the_cluster_once(compose: dict[str, Any]) -> None:
+    init = compose["services"]["cluster-redis-init"]
+    assert init.get("restart") == "no"
+    assert {name: dep["condition"] for name, dep in init["depends_on"].items()} == {
+        name: "service_healthy" for name in CLUSTER_REDIS
+    }
+    script = interpolate(command(init)[-1])  # compose turns $$ into $
+    assert re.search(r"redis-cli --cluster create \$nodes --cluster-replicas 1 --cluster-yes", script), script
+    assert "for n in 1 2 3 4 5 6" in script and "getent hosts cluster-redis-$n" in script
+    # a second `up` finds the cluster formed and leaves it alone
+    assert script.index("cluster_state:ok") < script.index("--cluster create")
+
+
+def test_cluster_nats_nodes_route_to_each_other_with_jetstream(compose: dict[str, Any]) -> None:
+    services, names, volumes = compose["services"], set(), []
+    routes = {f"nats://{name}:6222" for name in CLUSTER_NATS}
+    for name in CLUSTER_NATS:
+        node = services[name]
+        cmd = command(node)
+        options = _options(cmd)
+        assert "-js" in cmd and options["-m"] == "8222", name
+        assert options["--cluster_name"] == "birb-nest", name
+        assert options["--cluster"] == "nats://0.0.0.0:6222", name
+        assert set(options["--routes"].split(",")) == routes, name
+        names.add(options["--name"])
+        store = options["-sd"]
+        mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in node["volumes"]}
+        assert mounts[store] in compose["volumes"], name
+        volumes.append(mounts[store])
+        # the same file as the single server's: sync_interval always, max_payload
+        assert _nats_config_file(node) == _nats_config_file(services["nats"]), name
+        assert "/healthz" in " ".join(node["healthcheck"]["test"]), name
+    assert names == set(CLUSTER_NATS), "each server has its own name (JetStream needs it)"
+    assert len(set(volumes)) == len(CLUSTER_NATS)
+
+
+def test_cluster_apps_point_at_the_clusters(compose: dict[str, Any]) -> None:
+    from birbnest.env import redis_cluster_seeds, url_list
+
+    services = compose["services"]
+    apps = (*CLUSTER_APPS, "cluster-migrate")
+    for name in apps:
+        assert services[name]["image"] == services["api"]["image"], name
+        assert services[name].get("build") == services["api"].get("build"), name
+        env = {key: interpolate(value) for key, value in environment(services[name]).items()}
+        assert env["DATABASE_URL"] == "postgresql://birb:birbpass@cluster-postgres:5432/birbcache", name
+        seeds = redis_cluster_seeds(env["REDIS_URL"]).nodes
+        assert {host for host, _ in seeds} == set(CLUSTER_REDIS) and {port for _, port in seeds} == {6379}, name
+        assert set(url_list(env["NATS_URL"])) == {f"nats://{node}:4222" for node in CLUSTER_NATS}, name
+        assert env["JETSTREAM_REPLICAS"] == "3", name
+        for variable, raw in environment(services[name]).items():
+            if variable in DOCUMENTED_EXTRAS:
+                continue
+            assert variable in SETTINGS_BY_NAME, f"{name}: {variable} is not in birbnest.env.SETTINGS"
+            SETTINGS_BY_NAME[variable].parse(variable, interpolate(raw) or SETTINGS_BY_NAME[variable].default)
+    # apart from the servers they use, the cluster's apps are configured as the single ones
+    single, clustered = environment(services["api"]), environment(services["cluster-api-1"])
+    differing = {key for key in single.keys() | clustered.keys() if single.get(key) != clustered.get(key)}
+    assert differing == {"DATABASE_URL", "REDIS_URL", "NATS_URL", "JETSTREAM_REPLICAS", "REDIS_CLUSTER_WAIT_REPLICAS"}
+    assert len({str(environment(services[name])) for name in apps}) == 1, "one environment"
+
+
+def test_cluster_apps_wait_for_formed_clusters_and_migrations(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    wanted = {
+        "cluster-postgres": "service_healthy",
+        "cluster-redis-init": "service_completed_successfully",
+        **{name: "service_healthy" for name in CLUSTER_NATS},
+        "cluster-migrate": "service_completed_successfully",
+    }
+    for name in CLUSTER_APPS:
+        assert {dep: spec["condition"] for dep, spec in services[name]["depends_on"].items()} == wanted, name
+    assert services["cluster-migrate"]["depends_on"]["cluster-postgres"]["condition"] == "service_healthy"
+    assert command(services["cluster-migrate"]) == ["python", "manage.py", "migrate", "--noinput"]
+    for index in (1, 2):
+        api, worker = services[f"cluster-api-{index}"], services[f"cluster-worker-{index}"]
+        assert command(api) == ["python", "manage.py", "runapi"]
+        assert command(worker) == ["python", "manage.py", "runworker"]
+        assert "http://127.0.0.1:8080/health" in " ".join(api["healthcheck"]["test"])
+        assert int(re.fullmatch(r"(\d+)s", worker["stop_grace_period"]).group(1)) >= 30  # type: ignore[union-attr]
+    ports = [published_ports(services[f"cluster-api-{index}"]) for index in (1, 2)]
+    assert ports == [["127.0.0.1:8180:8080"], ["127.0.0.1:8181:8080"]], "beside the single API's 8080"
+
+
 # --- image -------------------------------------------------------------------------------------
 
 
@@ -461,3 +598,27 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, f"{' '.join(cli)} config -q failed:\n{done.stdout}{done.stderr}"
+
+
+def test_docker_compose_config_accepts_the_cluster_profile(tmp_path: Path) -> None:
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed; the file was only checked by PyYAML")
+    empty_env_file = tmp_path / "empty.env"
+    empty_env_file.write_text("")
+    names = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_FILE.read_text()))
+    env = {key: value for key, value in os.environ.items() if key not in names}
+    done = subprocess.run(
+        [*cli, "--env-file", str(empty_env_file), "-f", str(COMPOSE_FILE), "--profile", "cluster", "config"],
+        cwd=BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"{' '.join(cli)} --profile cluster config failed:\n{done.stdout}{done.stderr}"
+    resolved = yaml.safe_load(done.stdout)["services"]
+    assert {"cluster-api-1", "cluster-worker-2", "cluster-redis-init", "cluster-nats-3"} <= set(resolved)
+    # the init script after compose's interpolation: $$ became $ for the shell
+    script = resolved["cluster-redis-init"]["command"][-1].replace("$$", "$")
+    assert "redis-cli --cluster create $nodes" in script
