@@ -21,6 +21,10 @@ venv: $(STAMP) ## create .venv and install the pinned requirements (done by run/
 run: $(STAMP) ## start PostgreSQL, Redis, NATS (unless *_URL are set), migrate, serve API + worker
 	@$(PY) -m tools.stack run
 
+.PHONY: cluster
+cluster: $(STAMP) ## Redis Cluster 3+3, 3 NATS (JetStream R3), PostgreSQL, 2 APIs, 2 workers on loopback (var/cluster/)
+	@$(PY) -m tools.cluster $(CLUSTER_ARGS)
+
 .PHONY: restart stop start
 restart: ## restart one piece of a running `make run` (another terminal): SERVICE=postgres|redis|nats|api|worker|dashboard|jobs
 	@$(PY) -m tools.stack restart $(SERVICE)
