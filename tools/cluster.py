@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -31,6 +32,7 @@ import signal
 import sys
 import time
 import urllib.error
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,9 @@ JETSTREAM_REPLICAS = 3
 # A first start takes these for the two APIs when they are free: beside `make run`'s 8080 (API)
 # and 8081 (its dashboard), so both can run at once.
 PREFERRED_API_PORT = 8180
+# A server node that exits is started again this long after: time enough for the cluster to show
+# what losing it does (a Redis failover takes 2-4 s with the 2 s node timeout).
+NODE_RESTART_DELAY = 5.0
 # How long the APIs may take to answer /health with 200 before the summary is printed anyway.
 SERVING_TIMEOUT = 60.0
 ROLES = {
@@ -101,6 +106,45 @@ class _ClusterSupervisor(_Supervisor):
 
     redis: RedisCluster | None = None
     nats: NatsCluster | None = None
+    restart_at: dict[str, float] = field(default_factory=dict)  # server nodes that exited: when to start them
+    backoff: dict[str, float] = field(default_factory=dict)
+
+    def _nodes(self) -> list[tuple[str, Any, Callable[[], None]]]:
+        """(name, node, how to start it again) for every server node."""
+        found: list[tuple[str, Any, Callable[[], None]]] = []
+        if self.redis is not None:
+            redis = self.redis
+            found += [(f"redis-{n.index}", n, functools.partial(redis.start, n.port)) for n in redis.nodes]
+        if self.nats is not None:
+            nats = self.nats
+            found += [(f"nats-{n.index}", n, functools.partial(nats.start, n.index)) for n in nats.nodes]
+        return found
+
+    def tick(self, now: float) -> None:
+        """A server node that exited (killed, crashed) is started again with its port and data after
+        NODE_RESTART_DELAY, like compose's `restart: unless-stopped`; until then the cluster runs
+        without it (a Redis replica takes over its master's slots, NATS keeps quorum with 2 of 3)."""
+        for name, node, start in self._nodes():
+            if node.proc is not None and node.proc.poll() is None:
+                continue  # running (or frozen with SIGSTOP: that is the operator's experiment)
+            if name not in self.restart_at:
+                delay = self.backoff.setdefault(name, NODE_RESTART_DELAY)
+                code = node.proc.returncode if node.proc is not None else None
+                logger.error("%s (port %d) exited (code %s); starting it again in %.0f s", name, node.port, code, delay)
+                self.restart_at[name] = now + delay
+                self.record()
+            elif now >= self.restart_at[name]:
+                try:
+                    start()
+                except RuntimeError as error:  # e.g. its port was taken meanwhile
+                    self.backoff[name] = min(self.backoff[name] * 2, 60.0)
+                    logger.error("%s did not start: %s; trying again in %.0f s", name, error, self.backoff[name])
+                    self.restart_at[name] = time.monotonic() + self.backoff[name]
+                else:
+                    assert node.proc is not None
+                    logger.info("%s started again (pid %d, port %d)", name, node.proc.pid, node.port)
+                    del self.restart_at[name], self.backoff[name]
+                self.record()
 
     def record(self, stopped: bool = False) -> None:
         state = _load_state(self.data_dir)
@@ -122,7 +166,7 @@ class _ClusterSupervisor(_Supervisor):
                 state[f"{kind}-{node.index}"] = {
                     "role": ROLES[kind],
                     "pid": pid,
-                    "state": "running" if pid else "stopped",
+                    "state": "running" if pid else "stopped" if stopped else "restarting",
                     "port": node.port,
                     "log": str(node.log),
                 }

@@ -828,11 +828,15 @@ class _Supervisor:
                 elif child.proc is None and child.restart_at is not None and now >= child.restart_at:
                     child.start(self.cwd, self.env)
                     self.record()
+            self.tick(now)
             if self.control is not None:
                 self.control.serve_one(0.2, self.carry_out)
             else:
                 time.sleep(0.2)
         return 0
+
+    def tick(self, now: float) -> None:
+        """More work for each round of the loop: none here (tools/cluster.py restarts its server nodes)."""
 
     def carry_out(self, action: str, service: str) -> str:
         """One `python -m tools.stack ACTION SERVICE`; what it did, or ControlError."""
