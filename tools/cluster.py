@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.nats_cluster import NatsCluster, start_nats_cluster
+from tools.nats_cluster import NatsCluster, NatsClusterNode, start_nats_cluster
 from tools.redis_cluster import RedisCluster, start_redis_cluster
 from tools.stack import (
     _HTTP,
@@ -168,6 +168,8 @@ class _ClusterSupervisor(_Supervisor):
                     "pid": pid,
                     "state": "running" if pid else "stopped" if stopped else "restarting",
                     "port": node.port,
+                    # NATS: /healthz, /varz, /jsz (the runbook's localhost:8222)
+                    **({"monitor_port": node.monitor_port} if isinstance(node, NatsClusterNode) else {}),
                     "log": str(node.log),
                 }
         state["supervisor"] = {
