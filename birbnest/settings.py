@@ -8,6 +8,7 @@ error line, exit code 2). Variables that are unset are filled first from ``.env`
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import dj_database_url
 
@@ -133,19 +134,32 @@ DATABASES = {
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-CACHES = {
-    "default": {
-        "BACKEND": "django_redis.cache.RedisCache",
-        "LOCATION": BIRB.redis_url or "redis://127.0.0.1:1/0",
-        "KEY_PREFIX": BIRB.redis_key_prefix + "django",
-        "OPTIONS": {
-            "CLIENT_CLASS": "django_redis.client.DefaultClient",
-            "SOCKET_CONNECT_TIMEOUT": 2,
-            "SOCKET_TIMEOUT": 2,
-            "CONNECTION_POOL_KWARGS": {"max_connections": 256, "health_check_interval": 30},
-        },
+# django-redis also gives the service its Redis connection pool (persistence.redis_store.client).
+# On a Redis Cluster it cannot (it has no cluster client): the service uses redis-py's
+# RedisCluster itself, and Django's cache, which nothing of the service uses (sessions and
+# django-axes keep their state in PostgreSQL), is each process's own memory.
+CACHES: dict[str, dict[str, Any]]
+if BIRB.redis_cluster:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "KEY_PREFIX": BIRB.redis_key_prefix + "django",
+        }
     }
-}
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": BIRB.redis_url or "redis://127.0.0.1:1/0",
+            "KEY_PREFIX": BIRB.redis_key_prefix + "django",
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.DefaultClient",
+                "SOCKET_CONNECT_TIMEOUT": 2,
+                "SOCKET_TIMEOUT": 2,
+                "CONNECTION_POOL_KWARGS": {"max_connections": 256, "health_check_interval": 30},
+            },
+        }
+    }
 
 # The console's login is throttled (django-axes): after AXES_FAILURE_LIMIT wrong passwords for one
 # username, or from one address (REMOTE_ADDR; forwarded-for headers are not trusted), further

@@ -17,13 +17,29 @@ Layout (prefix ``REDIS_KEY_PREFIX``):
 - ``<prefix>c:<key>`` create reservation: the version of the create-only write
   (``If-None-Match: *``) that won the key, from its version until its entry is stored; the
   other create-only writers meanwhile find the key taken. Expires by itself (a crashed writer).
+
+**Redis Cluster** (``REDIS_CLUSTER=true`` or a ``redis+cluster://`` URL): the same hashes and
+scripts, with the key as a hash tag in each name (``<prefix>e:{<key>}``, ``n:{<key>}``,
+``c:{<key>}``: one slot, so every script runs on one node) and one counters-complete marker per
+hash slot (see :mod:`persistence.keys`). :func:`round_trip` keeps its contract: it groups the
+commands by the node serving their slot (redis-py's slot table and node pools), writes to every
+node before reading, and follows MOVED / ASK and failovers for at most
+:data:`CLUSTER_RETRY_SECONDS`; then the error raises (the request answers 503). A version is
+handed out only once ``REDIS_CLUSTER_WAIT_REPLICAS`` replicas of its master hold it (``WAIT``
+after the script, in the same round trip): else :class:`ReplicasNotReachedError` (503, nothing
+published), so a replica promoted after a failover never hands out a version already
+acknowledged. Entries and tombstones just stored are waited for the same way, without refusing
+(the write is durable by then): a failover does not bring back a deleted value.
+:func:`client` is redis-py's ``RedisCluster`` there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +47,34 @@ import orjson
 from django.conf import settings
 from django_redis import get_redis_connection
 from redis import Redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import AbstractConnection
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+    TimeoutError,
+    TryAgainError,
+)
+from redis.retry import Retry
 
 from birbnest import tracing
-from persistence.keys import counters_marker_key, entry_key, redis_key, version_key
+from birbnest.env import redis_cluster_seeds
+from persistence.keys import (
+    counters_marker_key,
+    counters_marker_keys,
+    entry_key,
+    key_slot,
+    reservation_key,
+    version_key,
+)
+
+logger = logging.getLogger(__name__)
 
 # KEYS: counter, counters marker. ARGV: floor ('' = unknown), if_match ('' = none), counter ttl ms.
 # -> {1, version} | {-1, marker exists} seed needed | {-2, current} If-Match mismatch
@@ -199,8 +238,12 @@ class Tombstone:
 TOMBSTONE = Tombstone()
 
 
-def client() -> Redis:
-    """The raw redis-py client, from django-redis's connection pool."""
+def client() -> Redis | RedisCluster:
+    """The raw redis-py client: django-redis's pooled one, or on a Redis Cluster redis-py's
+    ``RedisCluster`` (it routes each command to the node serving its slot, follows MOVED / ASK
+    and retries a failover a few times; its errors are all ``RedisError``)."""
+    if settings.BIRB.redis_cluster:
+        return cluster_client()
     return get_redis_connection("default")
 
 
@@ -213,6 +256,8 @@ def _text(raw: bytes | str) -> str:
 
 class _Pinned(threading.local):
     connection: AbstractConnection | None = None
+    # On a Redis Cluster: a connection per node, by node name (host:port)
+    nodes: dict[str, AbstractConnection] | None = None
     # (key, HGETALL reply) read ahead in the same round trip as the rate limiter's script
     prefetched: tuple[str, Any] | None = None
 
@@ -226,7 +271,7 @@ def _pinned_connection() -> AbstractConnection:
         # A connection of this thread's own, with the client's settings, not checked out of its
         # pool: the server retires idle request threads, and a connection it never returned
         # would count against the pool for good. It closes when the thread's storage is freed.
-        pool = client().connection_pool
+        pool = get_redis_connection("default").connection_pool
         connection = _pinned.connection = pool.connection_class(**pool.connection_kwargs)
     return connection
 
@@ -245,6 +290,20 @@ def _send(commands: tuple[tuple[Any, ...], ...], *, max_bytes: int | None = None
         ):
             return _send_untraced(commands, max_bytes=max_bytes)
     return _send_untraced(commands, max_bytes=max_bytes)
+
+
+def _cluster_send_traced(
+    commands: tuple[tuple[Any, ...], ...], *, max_bytes: int | None = None, waited: Collection[str] = ()
+) -> tuple[list[Any], dict[int, int]]:
+    """:func:`_cluster_send` under a span, as :func:`_send`."""
+    if tracing.enabled and tracing.in_span():
+        with tracing.span(
+            _span_name(commands),
+            kind=tracing.SpanKind.CLIENT,
+            attributes={"db.system.name": "redis", "db.operation.batch.size": len(commands)},
+        ):
+            return _cluster_send(commands, max_bytes=max_bytes, waited=waited)
+    return _cluster_send(commands, max_bytes=max_bytes, waited=waited)
 
 
 def _span_name(commands: tuple[tuple[Any, ...], ...]) -> str:
@@ -325,7 +384,13 @@ def round_trip(*commands: tuple[Any, ...], scripts: tuple[HotScript, ...] = ()) 
     hit's CPU. Each thread keeps one connection. A reply that is an error is
     returned as the ``ResponseError``, not raised; connection failures raise (``RedisError``)
     after one reconnect. ``scripts`` are loaded and everything sent again if Redis lacks one.
+
+    On a Redis Cluster: one write per node (all written before any is read), replies in the
+    commands' order; a version script's reply is :class:`ReplicasNotReachedError` when its master
+    could not confirm ``REDIS_CLUSTER_WAIT_REPLICAS`` replicas have it (see the module docstring).
     """
+    if settings.BIRB.redis_cluster:
+        return _cluster_round_trip(commands, scripts=scripts)
     replies = _send(commands)
     if scripts and any(isinstance(reply, NoScriptError) for reply in replies):
         for script in scripts:
@@ -340,6 +405,345 @@ RELEASE_RESERVATION = HotScript(_RELEASE_RESERVATION, "release_reservation")
 STORE_ENTRY = HotScript(_STORE_ENTRY, "store_entry")
 STORE_TOMBSTONE = HotScript(_STORE_TOMBSTONE, "store_tombstone")
 EVICT_STALE = HotScript(_EVICT_STALE, "evict_stale")
+ASSIGN_SCRIPTS = (ASSIGN_VERSION, ASSIGN_CREATE)
+
+
+# --- Redis Cluster -------------------------------------------------------------------------------
+
+# How long a round trip keeps following a cluster that is changing (a failover, a slot moving)
+# before its error raises: a request answers 503 then rather than hang. A failover takes about
+# cluster-node-timeout plus a second or two: longer than this, so clients see seconds of 503.
+CLUSTER_RETRY_SECONDS = 1.5
+# How long a master waits for its replicas to acknowledge a version (WAIT's timeout). Replicas on
+# a working network answer in well under a millisecond; a master whose replica is gone makes each
+# write wait this long before it is refused.
+WAIT_TIMEOUT_MS = 1000
+# Socket timeouts of the cluster client's connections, in seconds.
+CLUSTER_CONNECT_TIMEOUT = 1.0
+CLUSTER_SOCKET_TIMEOUT = 2.0
+# Retries of a command sent through the client (not round_trip) after a connection error, a
+# CLUSTERDOWN or an uncovered slot; MOVED and ASK are followed without counting.
+CLUSTER_CLIENT_RETRIES = 3
+
+
+class ReplicasNotReachedError(ResponseError):
+    """A version script ran on a master that could not confirm, within :data:`WAIT_TIMEOUT_MS`,
+    that ``REDIS_CLUSTER_WAIT_REPLICAS`` of its replicas hold the result: the version is not
+    handed out (a failover to a replica without it could hand it out again)."""
+
+
+class ClusterUnavailableError(ConnectionError):
+    """The Redis Cluster could not be reached or does not serve the slot (redis-py raises its
+    ``RedisClusterException`` for these, which is not a ``RedisError``)."""
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, whose every failure is a ``RedisError`` (callers catch that)."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)
+        except RedisClusterException as error:
+            raise ClusterUnavailableError(str(error)) from error
+
+
+class _ClusterHolder:
+    lock = threading.Lock()
+    current: tuple[str, _Cluster] | None = None
+    refreshed_at = 0.0
+
+
+def cluster_client() -> RedisCluster:
+    """The process's ``RedisCluster`` (made on first use from ``REDIS_URL``'s seed nodes).
+
+    :class:`ClusterUnavailableError` when no seed node answers.
+    """
+    url = settings.BIRB.redis_url
+    current = _ClusterHolder.current
+    if current is not None and current[0] == url:
+        return current[1]
+    with _ClusterHolder.lock:
+        current = _ClusterHolder.current
+        if current is not None and current[0] == url:
+            return current[1]
+        seeds = redis_cluster_seeds(url)
+        try:
+            made = _Cluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in seeds.nodes],
+                username=seeds.username,
+                password=seeds.password,
+                ssl=url.startswith("rediss://"),
+                socket_timeout=CLUSTER_SOCKET_TIMEOUT,
+                socket_connect_timeout=CLUSTER_CONNECT_TIMEOUT,
+                health_check_interval=30,
+                max_connections=256,
+                # A node answering while a shard is down still serves the other slots.
+                require_full_coverage=False,
+                retry=Retry(NoBackoff(), CLUSTER_CLIENT_RETRIES),
+            )
+        except RedisClusterException as error:
+            raise ClusterUnavailableError(f"no Redis Cluster seed node answered: {error}") from error
+        if current is not None:
+            current[1].close()
+        _ClusterHolder.current = (url, made)
+        return made
+
+
+def _refresh_topology(cluster: RedisCluster) -> None:
+    """Ask the cluster again which node serves which slot (at most every 0.2 s per process)."""
+    now = time.monotonic()
+    if now - _ClusterHolder.refreshed_at < 0.2:
+        return
+    _ClusterHolder.refreshed_at = now
+    try:
+        cluster.nodes_manager.initialize()
+    except Exception as error:  # no node answers: the next try asks again
+        logger.debug("Redis Cluster topology not refreshed: %s", error)
+
+
+def command_slot(command: tuple[Any, ...]) -> int | None:
+    """The hash slot a command of :func:`round_trip` works on (its first key's), or None for a
+    command without keys."""
+    if command[0] in ("EVALSHA", "EVAL"):
+        return key_slot(command[3]) if int(command[2]) > 0 else None
+    return key_slot(command[1]) if len(command) > 1 else None
+
+
+def group_by_node(
+    commands: tuple[tuple[Any, ...], ...] | list[tuple[Any, ...]],
+    node_of_slot: Any,
+    *,
+    default: Any = None,
+    indices: list[int] | None = None,
+) -> dict[Any, list[int]]:
+    """The indices of the commands (all, or ``indices``) by the node serving their slot
+    (``node_of_slot(slot)``), each node's in the callers' order. A command without keys goes to
+    ``default``."""
+    groups: dict[Any, list[int]] = {}
+    for index in range(len(commands)) if indices is None else indices:
+        slot = command_slot(commands[index])
+        groups.setdefault(default if slot is None else node_of_slot(slot), []).append(index)
+    return groups
+
+
+_UNSERVED: Any = object()  # group_by_node's node for a slot no master serves now
+
+
+class _Pending:
+    """A reply not read yet."""
+
+
+_PENDING = _Pending()
+_ASKING = -1  # in a node's layout: the reply of an ASKING
+_WAIT = -2  # in a node's layout: the reply of the WAIT
+
+
+def _node_connection(cluster: RedisCluster, node: ClusterNode) -> AbstractConnection:
+    """This thread's own connection to the node (as :func:`_pinned_connection` for one Redis)."""
+    connections = _pinned.nodes
+    if connections is None:
+        connections = _pinned.nodes = {}
+    connection = connections.get(node.name)
+    if connection is None:
+        pool = cluster.get_redis_connection(node).connection_pool
+        connection = connections[node.name] = pool.connection_class(**pool.connection_kwargs)
+    return connection
+
+
+def _cluster_send(
+    commands: tuple[tuple[Any, ...], ...] | list[tuple[Any, ...]],
+    *,
+    max_bytes: int | None = None,
+    waited: Collection[str] = (),
+) -> tuple[list[Any], dict[int, int]]:
+    """The replies to the commands in their order (error replies as the ``ResponseError``), and,
+    for each script command whose SHA is in ``waited``, how many replicas acknowledged it: a
+    ``WAIT REDIS_CLUSTER_WAIT_REPLICAS`` goes after the commands of each node that ran one, on
+    the same connection (WAIT counts that connection's writes).
+
+    Every node's commands are written before any reply is read. A command answered MOVED, ASK,
+    TRYAGAIN or CLUSTERDOWN, or whose node could not be reached, is sent again (to the node the
+    cluster now names) until it gets a reply or :data:`CLUSTER_RETRY_SECONDS` have passed; then
+    its error raises. With ``max_bytes``, :class:`ReadTooLargeError` as in :func:`_send`.
+    """
+    cluster = cluster_client()
+    replicas = settings.BIRB.redis_cluster_wait_replicas if waited else 0
+    replies: list[Any] = [_PENDING] * len(commands)
+    acks: dict[int, int] = {}
+    asking: dict[int, ClusterNode] = {}
+    todo = list(range(len(commands)))
+    deadline = 0.0
+    pause = 0.0
+    size = 0
+    while todo:
+        failure: Exception | None = None
+        retry: list[int] = []
+
+        def node_of(slot: int) -> Any:
+            try:
+                return cluster.nodes_manager.get_node_from_slot(slot)
+            except RedisClusterException:  # SlotNotCoveredError: its master is down, no replica took over
+                return _UNSERVED
+
+        routed = [index for index in todo if index not in asking]
+        groups = group_by_node(commands, node_of, default=cluster.get_default_node(), indices=routed)
+        for index, node in asking.items():  # an ASK names the node for this one try
+            groups.setdefault(node, []).append(index)
+        unserved = groups.pop(_UNSERVED, [])
+        if unserved:
+            failure = ClusterUnavailableError(f"{len(unserved)} commands' slots are not served by any master")
+            retry.extend(unserved)
+        sent: list[tuple[AbstractConnection, list[int], list[int]]] = []
+        for node, indices in groups.items():
+            indices.sort()
+            parts: list[tuple[Any, ...]] = []
+            layout: list[int] = []
+            wait = False
+            for index in indices:
+                if index in asking:
+                    parts.append(("ASKING",))
+                    layout.append(_ASKING)
+                command = commands[index]
+                parts.append(command)
+                layout.append(index)
+                wait = wait or (replicas > 0 and command[0] == "EVALSHA" and command[1] in waited)
+            if wait:
+                parts.append(("WAIT", replicas, WAIT_TIMEOUT_MS))
+                layout.append(_WAIT)
+            connection = _node_connection(cluster, node)
+            try:
+                connection.send_packed_command(connection.pack_commands(parts))
+            except (ConnectionError, TimeoutError) as error:
+                connection.disconnect()
+                failure = error
+                retry.extend(indices)
+                continue
+            sent.append((connection, indices, layout))
+        asking = {}
+        for position, (connection, indices, layout) in enumerate(sent):
+            read: list[int] = []
+            try:
+                for item in layout:
+                    try:
+                        reply = connection.read_response()
+                    except ResponseError as error:
+                        reply = error
+                    if item == _ASKING:
+                        continue
+                    if item == _WAIT:
+                        for index in read:
+                            acks[index] = reply if isinstance(reply, int) else 0
+                        continue
+                    if isinstance(reply, MovedError):
+                        cluster.nodes_manager.move_slot(reply)
+                        retry.append(item)
+                        continue
+                    if isinstance(reply, AskError):
+                        target = cluster.get_node(host=reply.host, port=reply.port)
+                        if target is None:
+                            failure = reply
+                        else:
+                            asking[item] = target
+                        retry.append(item)
+                        continue
+                    if isinstance(reply, (TryAgainError, ClusterDownError)):
+                        failure = reply
+                        retry.append(item)
+                        continue
+                    if max_bytes is not None:
+                        size += _reply_size(reply)
+                        if size > max_bytes:
+                            for unread, *_ in sent[position:]:
+                                unread.disconnect()  # replies left unread: out of step
+                            raise ReadTooLargeError(size=size, limit=max_bytes)
+                    replies[item] = reply
+                    if commands[item][0] == "EVALSHA" and commands[item][1] in waited:
+                        read.append(item)
+            except (ConnectionError, TimeoutError) as error:
+                # A command sent but unanswered may have run: the ones sent again here are
+                # safe to repeat (a version script hands out a new version; the others are
+                # idempotent or, the rate limiter's count, harmless to count twice).
+                connection.disconnect()
+                failure = error
+                retry.extend(index for index in indices if replies[index] is _PENDING)
+        todo = sorted(set(retry))
+        if not todo:
+            break
+        now = time.monotonic()
+        if not deadline:
+            deadline = now + CLUSTER_RETRY_SECONDS
+        elif now > deadline:
+            if failure is None:
+                failure = ClusterUnavailableError("the Redis Cluster kept redirecting the commands")
+            raise failure
+        if failure is not None:
+            _refresh_topology(cluster)
+            if pause:
+                time.sleep(min(pause, max(0.0, deadline - now)))
+            pause = min(0.4, pause * 2 or 0.05)
+    return replies, acks
+
+
+# Scripts whose writes a round trip on a cluster waits for: version assignment (refused when
+# short), and the stores of a write just made durable (best effort).
+_ASSIGN_SHAS = frozenset(script.sha for script in ASSIGN_SCRIPTS)
+_STORE_SHAS = frozenset(script.sha for script in (STORE_ENTRY, STORE_TOMBSTONE, EVICT_STALE))
+
+
+def _cluster_round_trip(
+    commands: tuple[tuple[Any, ...], ...], *, scripts: tuple[HotScript, ...] = (), wait_stores: bool = False
+) -> list[Any]:
+    """:func:`round_trip` on a Redis Cluster. Version scripts are always waited for (and refused
+    below ``REDIS_CLUSTER_WAIT_REPLICAS``); with ``wait_stores`` the store scripts too, only
+    logged when short (they are durable already)."""
+    waited = _ASSIGN_SHAS | _STORE_SHAS if wait_stores else _ASSIGN_SHAS
+    replies, acks = _cluster_send_traced(commands, waited=waited)
+    missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if scripts and missing:
+        redis = cluster_client()
+        for script in scripts:
+            redis.script_load(script.source)  # every master
+        again, again_acks = _cluster_send_traced(tuple(commands[index] for index in missing), waited=waited)
+        for index, reply in zip(missing, again, strict=True):
+            replies[index] = reply
+            if index in acks:
+                del acks[index]
+        acks.update({missing[position]: count for position, count in again_acks.items()})
+    required = settings.BIRB.redis_cluster_wait_replicas
+    if required:
+        released: list[tuple[Any, ...]] = []
+        short = 0
+        for index, command in enumerate(commands):
+            if command[0] != "EVALSHA" or command[1] not in waited:
+                continue
+            # No count: the connection failed before WAIT answered; nothing confirms the write.
+            count = acks.get(index, 0)
+            reply = replies[index]
+            if count >= required or isinstance(reply, ResponseError):
+                continue
+            if command[1] not in _ASSIGN_SHAS:
+                short += 1
+                continue
+            if isinstance(reply, list) and reply and reply[0] == 1:  # a version was handed out
+                replies[index] = ReplicasNotReachedError(
+                    f"NOREPLICAS {count} of {required} replicas acknowledged the version within {WAIT_TIMEOUT_MS} ms"
+                )
+                if command[1] == ASSIGN_CREATE.sha:  # give the key back to the next create-only write
+                    released.append(RELEASE_RESERVATION.command([command[6]], [reply[1]]))
+        if short:
+            logger.warning(
+                "%d stored entries not confirmed by %d Redis replicas within %d ms (durable; a failover "
+                "meanwhile may serve an older copy until the next write)",
+                short,
+                required,
+                WAIT_TIMEOUT_MS,
+            )
+        if released:
+            try:
+                _cluster_round_trip(tuple(released), scripts=(RELEASE_RESERVATION,))
+            except (ConnectionError, TimeoutError, ResponseError) as error:
+                logger.warning("create reservations kept until they expire: %s", error)
+    return replies
 
 
 def read_command(key: str) -> tuple[Any, ...]:
@@ -404,6 +808,8 @@ def read_many(keys: list[str], *, max_bytes: int | None = None) -> list[StoredEn
         return []
     if max_bytes is None:
         replies = round_trip(*(read_command(key) for key in keys))
+    elif settings.BIRB.redis_cluster:
+        replies = _cluster_send_traced(tuple(read_command(key) for key in keys), max_bytes=max_bytes)[0]
     else:
         replies = _send(tuple(read_command(key) for key in keys), max_bytes=max_bytes)
     return [entry_from_reply(key, reply) for key, reply in zip(keys, replies, strict=True)]
@@ -468,11 +874,6 @@ class ExistenceUnknownError(Exception):
         super().__init__(f"is the key live at version {counter}?")
 
 
-def reservation_key(key: str) -> str:
-    """Held by the create-only write that won the key until its entry is stored (or it failed)."""
-    return redis_key("c", key)
-
-
 def assign_command(
     key: str,
     *,
@@ -488,15 +889,13 @@ def assign_command(
     floor_arg = "" if floor is None else floor
     if create_only:
         return ASSIGN_CREATE.command(
-            [version_key(key), counters_marker_key(), entry_key(key), reservation_key(key)],
+            [version_key(key), counters_marker_key(key), entry_key(key), reservation_key(key)],
             [floor_arg, counter_ttl_ms, reservation_ttl_ms, "" if absent_at is None else absent_at],
         )
     return ASSIGN_VERSION.command(
-        [version_key(key), counters_marker_key()], [floor_arg, "" if if_match is None else if_match, counter_ttl_ms]
+        [version_key(key), counters_marker_key(key)],
+        [floor_arg, "" if if_match is None else if_match, counter_ttl_ms],
     )
-
-
-ASSIGN_SCRIPTS = (ASSIGN_VERSION, ASSIGN_CREATE)
 
 
 def assigned_version(key: str, reply: Any) -> int:
@@ -527,8 +926,14 @@ def release_reservation(key: str, version: int) -> None:
 
 def mark_counters_complete() -> None:
     """Record that every write still in flight is persisted, so PostgreSQL's versions are safe
-    floors for counters Redis lacks (see services._version_floor)."""
-    client().set(counters_marker_key(), "1")
+    floors for counters Redis lacks (see services._version_floor). On a Redis Cluster every
+    slot's marker, one write per node."""
+    if not settings.BIRB.redis_cluster:
+        client().set(counters_marker_key(), "1")
+        return
+    replies, _ = _cluster_send([("SET", name, "1") for name in counters_marker_keys()])
+    for reply in replies:
+        checked(reply)
 
 
 def store_args(entry: StoredEntry) -> list[Any]:
@@ -543,6 +948,14 @@ def store(entry: StoredEntry) -> tuple[bool, bool, str]:
     return bool(stored), bool(is_new), _text(created)
 
 
+def _stores_round_trip(commands: list[tuple[Any, ...]], script: HotScript) -> list[Any]:
+    """The stores of writes just made durable; on a Redis Cluster their replicas are waited for
+    in the same round trip (best effort: a failover then keeps what was acknowledged)."""
+    if settings.BIRB.redis_cluster:
+        return _cluster_round_trip(tuple(commands), scripts=(script,), wait_stores=True)
+    return round_trip(*commands, scripts=(script,))
+
+
 def store_written(
     entries: list[StoredEntry], *, reserved: frozenset[str] = frozenset()
 ) -> list[tuple[bool, bool, str] | ResponseError]:
@@ -555,7 +968,7 @@ def store_written(
         )
         for e in entries
     ]
-    replies = round_trip(*commands, scripts=(STORE_ENTRY,)) if commands else []
+    replies = _stores_round_trip(commands, STORE_ENTRY) if commands else []
     return [
         reply if isinstance(reply, ResponseError) else (bool(reply[0]), bool(reply[1]), _text(reply[2]))
         for reply in replies
@@ -565,7 +978,7 @@ def store_written(
 def store_tombstones(versions: list[tuple[str, int]], *, ttl_ms: int) -> list[bool | ResponseError]:
     """:func:`store_tombstone` for several keys in one round trip (or Redis's error reply)."""
     commands = [STORE_TOMBSTONE.command([entry_key(key)], [version, ttl_ms]) for key, version in versions]
-    replies = round_trip(*commands, scripts=(STORE_TOMBSTONE,)) if commands else []
+    replies = _stores_round_trip(commands, STORE_TOMBSTONE) if commands else []
     return [reply if isinstance(reply, ResponseError) else bool(reply) for reply in replies]
 
 
@@ -629,7 +1042,13 @@ def evict_stale(versions: dict[str, int], *, mark: bool = True) -> int:
     dropped = 0
     for start in range(0, len(items), EVICT_CHUNK):
         chunk = items[start : start + EVICT_CHUNK]
-        dropped += int(EVICT_STALE([entry_key(key) for key, _ in chunk], [mark_ms, *(v for _, v in chunk)]))
+        if settings.BIRB.redis_cluster:
+            # One script call per key (each key is a slot of its own), pipelined per node.
+            commands = tuple(EVICT_STALE.command([entry_key(key)], [mark_ms, version]) for key, version in chunk)
+            replies = _cluster_round_trip(commands, scripts=(EVICT_STALE,), wait_stores=True)
+            dropped += sum(int(checked(reply)) for reply in replies)
+        else:
+            dropped += int(EVICT_STALE([entry_key(key) for key, _ in chunk], [mark_ms, *(v for _, v in chunk)]))
     return dropped
 
 
@@ -638,14 +1057,21 @@ def evict(key: str) -> bool:
 
 
 def ping() -> bool:
-    return bool(client().ping())
+    """Redis answers; on a cluster, every master (a shard down is Redis down for its keys)."""
+    redis = client()
+    if isinstance(redis, RedisCluster):
+        return bool(redis.ping(target_nodes=RedisCluster.PRIMARIES))
+    return bool(redis.ping())
 
 
 def namespace_flush(*, chunk: int = 500) -> int:
     """Delete every key the service keeps in Redis (all of ``REDIS_KEY_PREFIX``: entries, version
     counters and their marker, rate-limit state, the API-key document, Django's cache) and
     nothing else: the runbook's FLUSHDB for a Redis that other programs may share. The number
-    of keys deleted. Everything in it is rebuilt from PostgreSQL (see :mod:`persistence.rehydration`)."""
+    of keys deleted. Everything in it is rebuilt from PostgreSQL (see :mod:`persistence.rehydration`).
+
+    On a Redis Cluster the SCAN goes over every master, and each UNLINK is split by slot
+    (redis-py's cluster client does both)."""
     redis = client()
     pattern = settings.BIRB.redis_key_prefix.replace("\\", "\\\\")
     for special in "*?[]":

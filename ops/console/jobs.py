@@ -28,6 +28,7 @@ from typing import Any
 from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
+from redis.lock import Lock
 
 from ops.audit import audit_record_command
 from ops.models import RehydrationJob
@@ -289,8 +290,16 @@ class RunnerLock:
     def __init__(self) -> None:
         self.key = _runner_lock_key()
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.lock = redis_store.client().lock(self.key, timeout=LOCK_TTL_MS / 1000, thread_local=False)
+        self._lock: Lock | None = None
         self.last_renew = 0.0
+
+    @property
+    def lock(self) -> Lock:
+        # Made on first use: on a Redis Cluster the client itself connects (and may raise a
+        # RedisError the runner waits out) when it is first asked for.
+        if self._lock is None:
+            self._lock = redis_store.client().lock(self.key, timeout=LOCK_TTL_MS / 1000, thread_local=False)
+        return self._lock
 
     def acquire(self) -> bool:
         if self.lock.acquire(blocking=False, token=self.token):

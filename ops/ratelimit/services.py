@@ -137,14 +137,15 @@ def ratelimit_client_counts(*, clients: list[str]) -> dict[str, int | None]:
     now_ms = _now_ms()
     window_ms = config.window * 1000
     sliding = config.algorithm == RateLimitSettings.SLIDING
-    pipe = redis_store.client().pipeline(transaction=False)
+    commands: list[tuple[str, str]] = []
     for client in clients:
         current, previous, _ = _window_keys(client, config.window, now_ms)
-        pipe.get(current)
+        commands.append(("GET", current))
         if sliding:
-            pipe.get(previous)
+            commands.append(("GET", previous))
     try:
-        values = [int(value or 0) for value in pipe.execute()]
+        # One round trip (on a Redis Cluster, one per node: each client's counters share a slot).
+        values = [int(redis_store.checked(value) or 0) for value in redis_store.round_trip(*commands)]
     except RedisError as error:
         _warnings.warning("rate-limit counters not read, Redis unreachable", error=error)
         return dict.fromkeys(clients)
