@@ -17,6 +17,11 @@ from nats.js import api
 REF_CONSUMER = "bench-ref"  # the reference's durable consumer, on the worker's stream
 
 
+def servers(nats_url: str) -> list[str]:
+    """NATS_URL's servers (one, or a cluster's comma-separated list): nats-py wants a list."""
+    return [url.strip() for url in nats_url.split(",") if url.strip()]
+
+
 def persist_messages(key_prefix: str, count: int, value_json: str) -> list[tuple[bytes, dict[str, str]]]:
     """``count`` persist messages, as the API publishes them: ``set`` of key ``<prefix><i>`` v1."""
     from persistence.messages import PersistWrite, encode, message_id
@@ -31,7 +36,7 @@ def persist_messages(key_prefix: str, count: int, value_json: str) -> list[tuple
 
 async def publish_all(nats_url: str, subject: str, messages: list[tuple[bytes, dict[str, str]]]) -> float:
     """Publish concurrently (publish_async, PubAck awaited for every message); msgs/s."""
-    nc = await nats.connect(nats_url, name="birb-bench-fill")
+    nc = await nats.connect(servers=servers(nats_url), name="birb-bench-fill")
     js = nc.jetstream()
     began = time.perf_counter()
     failed = 0
@@ -53,7 +58,7 @@ async def publish_all(nats_url: str, subject: str, messages: list[tuple[bytes, d
 async def publish_in_flight(nats_url: str, seconds: float, in_flight: int, payload: bytes) -> dict[str, Any]:
     """The floor of a durable write: ``in_flight`` publishers, each awaiting its PubAck before
     the next publish, on a stream of its own with the worker stream's storage, for ``seconds``."""
-    nc = await nats.connect(nats_url, name="birb-bench-publish")
+    nc = await nats.connect(servers=servers(nats_url), name="birb-bench-publish")
     js = nc.jetstream()
     stream = "BIRB_BENCH_PUBLISH"
     await js.add_stream(api.StreamConfig(name=stream, subjects=["birbbench.publish.>"], storage=api.StorageType.FILE))
@@ -92,7 +97,7 @@ async def publish_in_flight(nats_url: str, seconds: float, in_flight: int, paylo
 
 
 async def last_seq(nats_url: str, stream: str) -> int:
-    nc = await nats.connect(nats_url, name="birb-bench-ref")
+    nc = await nats.connect(servers=servers(nats_url), name="birb-bench-ref")
     try:
         return int((await nc.jetstream().stream_info(stream)).state.last_seq)
     finally:
@@ -102,7 +107,7 @@ async def last_seq(nats_url: str, stream: str) -> int:
 async def create_reference_consumer(nats_url: str, stream: str, subjects: str, first_seq: int) -> None:
     """A second durable pull consumer on the worker's stream, reading the same backlog (from
     ``first_seq``) with the worker consumer's ack settings; the worker's consumer is untouched."""
-    nc = await nats.connect(nats_url, name="birb-bench-ref")
+    nc = await nats.connect(servers=servers(nats_url), name="birb-bench-ref")
     try:
         await nc.jetstream().add_consumer(
             stream,
@@ -121,7 +126,7 @@ async def create_reference_consumer(nats_url: str, stream: str, subjects: str, f
 
 
 async def delete_reference_consumer(nats_url: str, stream: str) -> None:
-    nc = await nats.connect(nats_url, name="birb-bench-ref")
+    nc = await nats.connect(servers=servers(nats_url), name="birb-bench-ref")
     try:
         await nc.jetstream().delete_consumer(stream, REF_CONSUMER)
     except nats.js.errors.NotFoundError:
@@ -135,7 +140,7 @@ async def bare_fetch_ack(
 ) -> dict[str, Any]:
     """The reference: a bare nats-py pull consumer, ``fetch(batch)`` then ``ack()`` each, until
     ``count`` messages are acknowledged and the server has no ack pending."""
-    nc = await nats.connect(nats_url, name="birb-bench-ref")
+    nc = await nats.connect(servers=servers(nats_url), name="birb-bench-ref")
     js = nc.jetstream()
     try:
         psub = await js.pull_subscribe_bind(durable=REF_CONSUMER, stream=stream)
@@ -163,7 +168,7 @@ async def bare_fetch_ack(
 
 
 async def consumer_state(nats_url: str, stream: str, consumer: str) -> dict[str, int]:
-    nc = await nats.connect(nats_url, name="birb-bench-watch")
+    nc = await nats.connect(servers=servers(nats_url), name="birb-bench-watch")
     try:
         info = await nc.jetstream().consumer_info(stream, consumer)
         return {"pending": int(info.num_pending or 0), "ack_pending": int(info.num_ack_pending or 0)}
@@ -179,7 +184,7 @@ async def wait_drained(
     With ``started``, the clock starts when ``started()`` first returns true (the worker said
     it is consuming), so process start-up is not counted as drain time.
     """
-    nc = await nats.connect(nats_url, name="birb-bench-watch")
+    nc = await nats.connect(servers=servers(nats_url), name="birb-bench-watch")
     js = nc.jetstream()
     began = time.perf_counter()
     deadline = began + timeout

@@ -9,17 +9,25 @@ Two ways in:
 - :class:`JetStream` for asyncio callers (the worker).
 
 Streams and the consumer are declared here, idempotently, from the settings.
+
+On a NATS cluster (``NATS_URL`` lists several servers) the connection goes to one of them and
+moves to another when that one dies (nats-py's server pool, which the cluster's own gossip
+extends); both streams get ``JETSTREAM_REPLICAS`` replicas (R3 on three nodes), and the durable
+consumer follows its stream's. A publish is answered by the stream's leader only once a quorum
+of replicas has stored the message (JetStream's PubAck on a replicated stream), so an
+acknowledged write survives the loss of any minority of the nodes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import nats
@@ -46,6 +54,23 @@ REDELIVERY_BACKOFF = (10.0, 20.0, 40.0, 60.0)
 # doubles up to RECONNECT_MAX while NATS stays unreachable.
 RECONNECT_INTERVAL = 0.25
 RECONNECT_MAX = 2.0
+# A server that stops answering without closing the connection (a host powered off, a network
+# partition) is given up after PING_INTERVAL * (MAX_OUTSTANDING_PINGS + 1) or so, and the
+# connection moves to another server of NATS_URL. (A process that dies closes its sockets:
+# that is noticed at once.)
+PING_INTERVAL = 2
+MAX_OUTSTANDING_PINGS = 2
+# While a replicated stream elects a new leader (its leader died: a few seconds), nothing answers
+# its subjects; a publish retries within its timeout, this often at first, then less.
+NO_LEADER_RETRY = 0.05
+NO_LEADER_RETRY_MAX = 0.5
+# How long a publish that found no stream waits for the check whether it exists (see
+# JetStream._check_streams); an immediate answer when it was deleted, none while it is leaderless.
+STREAM_CHECK_WAIT = 0.5
+# A publish that finds the connection down waits this long for nats-py to reconnect (to another
+# server of a cluster: about half a second) instead of answering 503 at once; only in the first
+# RECONNECT_GRACE of an outage, so while NATS stays down writes fail fast as before.
+RECONNECT_GRACE = 1.0
 # A worker whose fetches keep coming back empty checks this often that its consumer still
 # exists: a stream deleted at runtime (`nats stream rm`, the JetStream API) takes the consumer
 # with it, and the worker creates both again (see JetStream.fetch).
@@ -121,6 +146,11 @@ def names() -> Names:
     )
 
 
+def replicas() -> int:
+    """JETSTREAM_REPLICAS: replicas of both streams (1 on a single server, 3 on a three-node cluster)."""
+    return int(settings.BIRB.jetstream_replicas)
+
+
 def stream_config(n: Names) -> api.StreamConfig:
     # Limits retention as the contract says; acknowledged messages are purged by the worker
     # (JetStream.purge_acknowledged), and when the stream is full new publishes are refused
@@ -134,6 +164,7 @@ def stream_config(n: Names) -> api.StreamConfig:
         max_msgs=-1,
         max_bytes=-1,
         duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas(),
     )
 
 
@@ -145,6 +176,7 @@ def dlq_stream_config(n: Names) -> api.StreamConfig:
         storage=api.StorageType.FILE,
         max_age=DLQ_MAX_AGE,
         duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas(),
     )
 
 
@@ -155,6 +187,8 @@ def redelivery_backoff(max_deliver: int) -> list[float] | None:
 
 
 def consumer_config(n: Names) -> api.ConsumerConfig:
+    # No num_replicas: 0 means "as many as the stream", so the consumer follows its stream's
+    # replicas, also when JETSTREAM_REPLICAS changes them later.
     max_deliver = settings.BIRB.worker_max_deliver
     return api.ConsumerConfig(
         durable_name=n.consumer,
@@ -184,6 +218,11 @@ def _reason(error: BaseException) -> str:
     return "error"
 
 
+def _log_failed_check(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("could not check the streams: %s", task.exception())
+
+
 async def _log_error(error: Exception) -> None:
     logger.warning("NATS: %s: %s", type(error).__name__, error, extra={"error": str(error)})
 
@@ -196,22 +235,27 @@ async def _log_reconnected() -> None:
     logger.info("NATS: reconnected")
 
 
-async def _connect(url: str, *, name: str, timeout: float = 3.0) -> Any:
-    """Connect, or raise within ``timeout`` (nats-py retries an unreachable server forever)."""
-    return await asyncio.wait_for(_client_connect(url, name=name), timeout=timeout)
+async def _connect(servers: Sequence[str], *, name: str, timeout: float = 3.0) -> Any:
+    """Connect to one of ``servers``, or raise within ``timeout`` (nats-py retries forever)."""
+    return await asyncio.wait_for(_client_connect(servers, name=name), timeout=timeout)
 
 
-async def _client_connect(url: str, *, name: str) -> Any:
+async def _client_connect(servers: Sequence[str], *, name: str) -> Any:
     return await nats.connect(
-        url,
+        # A list, never the comma-separated string: nats-py takes a string for one server.
+        servers=list(servers),
         name=name,
         error_cb=_log_error,
         disconnected_cb=_log_disconnected,
         reconnected_cb=_log_reconnected,
-        connect_timeout=2,
+        # With several servers, one that does not answer must leave time for the next within
+        # _connect's timeout (a live server accepts and sends its INFO in milliseconds).
+        connect_timeout=2 if len(servers) <= 1 else 1,
         allow_reconnect=True,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        ping_interval=PING_INTERVAL,
+        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         # Publishes made while reconnecting wait in this buffer; their PubAck wait still bounds them.
         pending_size=8 * 1024 * 1024,
     )
@@ -227,30 +271,66 @@ class JetStream:
         # One re-creation at a time: the API publishes concurrently on this connection, and
         # every publish that finds the stream gone waits for the same one.
         self._recreating = asyncio.Lock()
+        self._stream_check: asyncio.Future[None] | None = None
         self._consumer_checked_at = time.monotonic()
 
     @classmethod
     async def connect(cls, *, name: str = "birb-nest") -> JetStream:
         n = names()
-        nc = await _connect(settings.BIRB.nats_url, name=name)
+        nc = await _connect(settings.BIRB.nats_servers, name=name)
         return cls(nc, n)
 
     async def ensure_streams(self) -> list[str]:
-        """Create both streams if missing; leave existing ones as the operator configured them.
+        """Create both streams if missing; leave existing ones as the operator configured them,
+        except their replicas, which follow JETSTREAM_REPLICAS (see :meth:`_ensure_replicas`).
         The names of the streams created."""
         created = []
         for config in (stream_config(self.names), dlq_stream_config(self.names)):
             try:
-                await self.js.stream_info(config.name)
+                info = await self.js.stream_info(config.name)
             except nats.js.errors.NotFoundError:
                 try:
                     await self.js.add_stream(config)
-                    logger.info("created stream %s", config.name)
+                    logger.info("created stream %s with %d replica(s)", config.name, config.num_replicas)
                     created.append(str(config.name))
-                except nats.js.errors.BadRequestError:
-                    # Another process created it between our two calls.
-                    await self.js.stream_info(config.name)
+                    continue
+                except nats.js.errors.BadRequestError as error:
+                    try:  # another process created it between our two calls?
+                        info = await self.js.stream_info(config.name)
+                    except nats.js.errors.NotFoundError:
+                        # Refused for its own reason, e.g. more replicas than the cluster has
+                        # nodes (a single server has 1): that is the error to report.
+                        raise error from None
+            await self._ensure_replicas(info, int(config.num_replicas or 1))
         return created
+
+    async def _ensure_replicas(self, info: Any, wanted: int) -> None:
+        """Bring an existing stream to ``wanted`` replicas in place (JetStream moves the data);
+        nothing else of its configuration changes. A refused update is logged, and the stream
+        keeps serving with the replicas it has: the next connection tries again."""
+        have = int(info.config.num_replicas or 1)
+        if have == wanted:
+            return
+        logger.warning(
+            "stream %s has %d replica(s), JETSTREAM_REPLICAS is %d: updating it in place",
+            info.config.name,
+            have,
+            wanted,
+        )
+        try:
+            await self.js.update_stream(replace(info.config, num_replicas=wanted))
+        except nats.js.errors.Error as error:
+            logger.error(
+                "stream %s kept %d replica(s): JetStream refused %d (%s); check that the cluster has "
+                "that many nodes with JetStream, or set JETSTREAM_REPLICAS to what it has",
+                info.config.name,
+                have,
+                wanted,
+                error,
+                extra={"error": str(error)},
+            )
+            return
+        logger.info("stream %s now has %d replica(s)", info.config.name, wanted)
 
     async def recreate_streams(self) -> None:
         """A publish found no stream: it was deleted while this process runs. Create both again
@@ -327,14 +407,7 @@ class JetStream:
             raise MessageTooLargeError(size, limit)
         deadline = time.monotonic() + timeout
         try:
-            try:
-                ack = await self.js.publish(subject, payload, timeout=timeout, headers=headers)
-            except nats.js.errors.NoStreamResponseError:
-                # No stream takes the subject: deleted at runtime. Create it again and publish
-                # once more within what is left of the timeout (the answer is immediate).
-                await self.recreate_streams()
-                remaining = max(deadline - time.monotonic(), 0.1)
-                ack = await self.js.publish(subject, payload, timeout=remaining, headers=headers)
+            ack = await self._publish_until_answered(subject, payload, headers=headers, deadline=deadline)
         except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as error:
             raise PublishError(f"{type(error).__name__}: {error}".rstrip(": "), reason=_reason(error)) from error
         if new_only and ack.duplicate:
@@ -345,6 +418,48 @@ class JetStream:
                 f"JetStream dropped the message as a duplicate of {headers.get('Nats-Msg-Id')}", reason="duplicate"
             )
         return int(ack.seq)
+
+    async def _publish_until_answered(
+        self, subject: str, payload: bytes, *, headers: dict[str, str], deadline: float
+    ) -> Any:
+        """The PubAck, or the error of the last attempt before ``deadline``.
+
+        "No responders" means no server took the message, so it is safe to send again: either
+        the stream was deleted at runtime (created again here, once), or, on a cluster, it has
+        no leader while its replicas elect one (its leader died): then the publish is retried
+        until the new leader answers or the time is up. A timeout is not retried: the message
+        may have been stored, and only its PubAck was lost.
+        """
+        checked, wait = False, NO_LEADER_RETRY
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await self.js.publish(subject, payload, timeout=max(remaining, 0.1), headers=headers)
+            except nats.js.errors.NoStreamResponseError:
+                if not checked:
+                    checked = True
+                    await self._check_streams(min(deadline - time.monotonic(), STREAM_CHECK_WAIT))
+                    continue
+                if time.monotonic() + wait >= deadline:
+                    raise
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, NO_LEADER_RETRY_MAX)
+
+    async def _check_streams(self, timeout: float) -> None:
+        """Create the streams again if they are gone, waiting at most ``timeout`` for that.
+
+        One check at a time, shared by every publish that asks meanwhile. A stream without a
+        leader does not answer its info request until it has one again (nats-py gives up after
+        its 5 s API timeout): the check then goes on in the background, and the publishes retry.
+        """
+        task = self._stream_check
+        if task is None or task.done():
+            task = self._stream_check = asyncio.ensure_future(self.recreate_streams())
+            task.add_done_callback(_log_failed_check)
+        if timeout <= 0:
+            return
+        with contextlib.suppress(Exception):  # the publish that follows answers for the stream
+            await asyncio.wait_for(asyncio.shield(task), timeout)
 
     @property
     def is_closed(self) -> bool:
@@ -439,6 +554,7 @@ class SyncJetStream:
         self._client: JetStream | None = None
         self._retry_at = 0.0
         self._retry_wait = RECONNECT_INTERVAL
+        self._down_since: float | None = None  # when a publish first found the connection down
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -479,6 +595,23 @@ class SyncJetStream:
                 self._retry_wait = RECONNECT_INTERVAL
                 self._client = client
         return client
+
+    def _connected(self, client: JetStream, timeout: float) -> bool:
+        """Whether the connection is up, waiting (at most ``timeout``) for a reconnection that
+        began less than :data:`RECONNECT_GRACE` ago: a cluster node died and nats-py is moving
+        to another one. Nothing is published meanwhile, so nothing waits in nats-py's buffer."""
+        if client.nc.is_connected:
+            self._down_since = None
+            return True
+        now = time.monotonic()
+        down_since = self._down_since = self._down_since or now
+        until = min(down_since + RECONNECT_GRACE, now + timeout)
+        while time.monotonic() < until and not client.is_closed:
+            time.sleep(0.01)
+            if client.nc.is_connected:
+                self._down_since = None
+                return True
+        return False
 
     def message_limit(self) -> int | None:
         """The largest persist message (payload + headers) this process may send: the server's
@@ -537,7 +670,7 @@ class SyncJetStream:
             raise PublishError(
                 f"cannot connect to NATS: {type(error).__name__}: {error}", reason="unreachable"
             ) from error
-        if not client.nc.is_connected:
+        if not self._connected(client, timeout):
             # nats-py would buffer the message until it reconnects; a write must not wait on that.
             raise PublishError("not connected to NATS (reconnecting)", reason="not_connected")
         try:
@@ -584,7 +717,7 @@ class SyncJetStream:
         except Exception as error:
             failed = PublishError(f"cannot connect to NATS: {type(error).__name__}: {error}", reason="unreachable")
             return [failed] * len(messages)
-        if not client.nc.is_connected:
+        if not self._connected(client, timeout):
             return [PublishError("not connected to NATS (reconnecting)", reason="not_connected")] * len(messages)
 
         async def publish_all() -> list[Any]:

@@ -105,6 +105,28 @@ class AccountSummary:
 
 
 @dataclass(frozen=True)
+class PeerSummary:
+    """A replica of a stream or consumer on another node (its leader's view of it)."""
+
+    name: str
+    current: bool  # caught up with the leader
+    offline: bool
+    active: float | None  # seconds since the leader last heard from it
+    lag: int  # operations behind the leader
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    """Where a stream or consumer lives on a NATS cluster: its leader (None while one is being
+    elected) and its other replicas. A single server reports itself as the leader, no replicas."""
+
+    name: str | None
+    leader: str | None
+    replicas: list[PeerSummary]
+    leader_since: datetime | None = None
+
+
+@dataclass(frozen=True)
 class StreamSummary:
     """One row of `nats stream ls` / `nats stream report`."""
 
@@ -116,6 +138,8 @@ class StreamSummary:
     last_seq: int
     deleted: int
     consumers: int
+    replicas: int = 1
+    cluster: ClusterSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +186,8 @@ class ConsumerSummary:
     ack_floor_stream_seq: int
     ack_floor_consumer_seq: int
     last_active: datetime | None
+    replicas: int = 1  # the stream's when the consumer's own is 0 (it follows its stream)
+    cluster: ClusterSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -295,6 +321,26 @@ def _value(enum_or_str: Any) -> str:
     return str(getattr(enum_or_str, "value", enum_or_str) or "")
 
 
+def _cluster_summary(cluster: Any) -> ClusterSummary | None:
+    if cluster is None:
+        return None
+    return ClusterSummary(
+        name=cluster.name,
+        leader=cluster.leader or None,
+        replicas=[
+            PeerSummary(
+                name=str(peer.name),
+                current=bool(peer.current),
+                offline=bool(peer.offline),
+                active=peer.active / 1e9 if peer.active else None,  # the server says nanoseconds
+                lag=int(peer.lag or 0),
+            )
+            for peer in cluster.replicas or []
+        ],
+        leader_since=getattr(cluster, "leader_since", None),
+    )
+
+
 def _stream_summary(info: Any) -> StreamSummary:
     state = info.state
     return StreamSummary(
@@ -306,6 +352,8 @@ def _stream_summary(info: Any) -> StreamSummary:
         last_seq=int(state.last_seq or 0),
         deleted=int(state.num_deleted or 0),
         consumers=int(state.consumer_count or 0),
+        replicas=int(info.config.num_replicas or 1),
+        cluster=_cluster_summary(info.cluster),
     )
 
 
@@ -331,7 +379,18 @@ def _consumer_summary(info: Any) -> ConsumerSummary:
         ack_floor_stream_seq=int(floor.stream_seq if floor else 0),
         ack_floor_consumer_seq=int(floor.consumer_seq if floor else 0),
         last_active=delivered.last_active if delivered else None,
+        # 0 = as many as the stream: then the leader and its peers tell how many there are.
+        replicas=int(config.num_replicas or 0) or _group_size(info.cluster),
+        cluster=_cluster_summary(info.cluster),
     )
+
+
+def _group_size(cluster: Any) -> int:
+    """Nodes holding a replica: the leader and its peers (while there is no leader, every peer is listed)."""
+    if cluster is None:
+        return 1
+    members = {peer.name for peer in cluster.replicas or []} | ({cluster.leader} if cluster.leader else set())
+    return max(len(members), 1)
 
 
 def account_info() -> AccountSummary:

@@ -123,6 +123,40 @@ class NatsCluster:
                         return node.index
         return None
 
+    def leaderless(self) -> list[str]:
+        """Streams and consumers with a replica on a live node but no live node leading them.
+
+        Each node is asked what it leads: a follower may still name a leader that died (it
+        notices only when its election timeout, 4 to 9 s, runs out), so its word is not taken.
+        """
+        hosted: set[str] = set()
+        led: set[str] = set()
+        for node in self.nodes:
+            if not node.running:
+                continue
+            report = self.jsz(node.index, accounts="true", streams="true", consumers="true") or {}
+            for account in report.get("account_details") or []:
+                for stream in account.get("stream_detail") or []:
+                    assets = [(f"stream {stream.get('name')}", stream)] + [
+                        (f"consumer {stream.get('name')}/{consumer.get('name')}", consumer)
+                        for consumer in stream.get("consumer_detail") or []
+                    ]
+                    for label, asset in assets:
+                        hosted.add(label)
+                        if (asset.get("cluster") or {}).get("leader") == node.name:
+                            led.add(label)
+        return sorted(hosted - led)
+
+    def client_node(self, client_name: str) -> int | None:
+        """The index of the live node a client named ``client_name`` (its CONNECT name, e.g.
+        ``birb-nest-worker-<pid>``) is connected to, from each node's /connz."""
+        for node in self.nodes:
+            if node.running:
+                report = _get_json(f"{node.monitor_url}/connz?limit=4096") or {}
+                if any(conn.get("name") == client_name for conn in report.get("connections") or []):
+                    return node.index
+        return None
+
     def _index_of(self, name: str | None) -> int | None:
         return next((node.index for node in self.nodes if node.name == name), None)
 
@@ -181,8 +215,9 @@ class NatsCluster:
 
     def wait_healthy(self, timeout: float = 30) -> None:
         """Until every live node answers /healthz (JetStream enabled, current with the meta
-        group and with every stream and consumer it holds) and the live nodes agree on a live
-        meta leader."""
+        group and with every stream and consumer it holds), the live nodes agree on a live
+        meta leader, and every stream and consumer on them has a live leader (/healthz does not
+        say so: after its leader died, a stream has none for seconds)."""
         deadline = time.monotonic() + timeout
         while True:
             problems = self._health_problems()
@@ -206,6 +241,10 @@ class NatsCluster:
         leader = self.meta_leader()
         if leader is None or not self.nodes[leader].running:
             problems.append("no meta leader the live nodes agree on")
+        if not problems:
+            without = self.leaderless()
+            if without:
+                problems.append(f"without a leader: {', '.join(without[:10])}")
         return problems
 
     def stop(self) -> None:

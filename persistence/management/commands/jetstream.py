@@ -22,6 +22,7 @@ from persistence import jetstream, streams_admin
 from persistence.operator_actions import command_action_send
 from persistence.streams_admin import (
     AccountSummary,
+    ClusterSummary,
     ConsumerSummary,
     EnsureReport,
     StreamDetail,
@@ -33,8 +34,8 @@ DATA_PREVIEW = 400  # characters of a message body shown in text output; --json 
 EPILOG = """\
 runbook equivalents:
   nats account info                       jetstream account
-  nats stream ls | nats stream report     jetstream ls | jetstream report
-  nats stream info BIRB_CACHE             jetstream info BIRB_CACHE
+  nats stream ls | nats stream report     jetstream ls | jetstream report   (with replicas and leader)
+  nats stream info BIRB_CACHE             jetstream info BIRB_CACHE         (cluster: leader, replicas, lag)
   nats consumer info BIRB_CACHE birb-worker
                                           jetstream consumer-info BIRB_CACHE birb-worker
   nats consumer report BIRB_CACHE         jetstream consumer-report BIRB_CACHE
@@ -115,13 +116,16 @@ class Command(BaseCommand):
         self.stdout.write(f"Streams ({len(streams)}):")
         self.stdout.write("")
         self._table(
-            ["STREAM", "SUBJECTS", "MESSAGES", "BYTES", "FIRST SEQ", "LAST SEQ", "DELETED", "CONSUMERS"],
+            ["STREAM", "SUBJECTS", "MESSAGES", "BYTES", "FIRST SEQ", "LAST SEQ", "DELETED", "CONSUMERS", "REPLICAS",
+             "LEADER", "OTHER REPLICAS"],
             [
                 [s.name, ", ".join(s.subjects), s.messages, _bytes(s.bytes), s.first_seq, s.last_seq, s.deleted,
-                 s.consumers]
+                 s.consumers, s.replicas, _leader(s.cluster), _peers(s.cluster)]
                 for s in streams
             ],
         )  # fmt: skip
+        if any(s.replicas > 1 for s in streams):
+            self.stdout.write("\n(LEADER none: the replicas are electing one; a peer marked ! is offline, ~ behind)")
 
     def info(self, options: dict[str, Any]) -> None:
         detail = streams_admin.stream_info(name=options["stream"] or jetstream.names().stream)
@@ -150,10 +154,10 @@ class Command(BaseCommand):
         self.stdout.write("")
         self._table(
             ["CONSUMER", "PENDING", "ACK PENDING", "REDELIVERED", "WAITING", "DELIVERED SEQ", "ACK FLOOR SEQ",
-             "LAST ACTIVE"],
+             "LAST ACTIVE", "REPLICAS", "LEADER"],
             [
                 [c.name, c.num_pending, c.num_ack_pending, c.num_redelivered, c.num_waiting, c.delivered_stream_seq,
-                 c.ack_floor_stream_seq, _time(c.last_active)]
+                 c.ack_floor_stream_seq, _time(c.last_active), c.replicas, _leader(c.cluster)]
                 for c in consumers
             ],
         )  # fmt: skip
@@ -243,6 +247,7 @@ class Command(BaseCommand):
             ],
             indent=2,
         )
+        self._print_cluster(s.cluster, c.replicas)
 
     def _print_consumer(self, c: ConsumerSummary) -> None:
         created = f" (created {_time(c.created)})" if c.created else ""
@@ -273,6 +278,27 @@ class Command(BaseCommand):
             ],
             indent=2,
         )
+        self._print_cluster(c.cluster, c.replicas)
+
+    def _print_cluster(self, cluster: ClusterSummary | None, replicas: int) -> None:
+        """Where the stream or consumer lives: `nats stream info`'s "Cluster Information"."""
+        if cluster is None:
+            return
+        self.stdout.write("\nCluster:")
+        since = f" (since {_time(cluster.leader_since)})" if cluster.leader and cluster.leader_since else ""
+        pairs: list[tuple[str, Any]] = [
+            ("Name", cluster.name or "- (a single server)"),
+            ("Replicas", replicas),
+            ("Leader", (cluster.leader + since) if cluster.leader else "none: the replicas are electing one"),
+        ]
+        for peer in cluster.replicas:
+            state = ["offline" if peer.offline else "current" if peer.current else "catching up"]
+            if peer.active is not None:
+                state.append(f"seen {peer.active:.2f}s ago")
+            if peer.lag:
+                state.append(f"{peer.lag} operations behind")
+            pairs.append(("Replica", f"{peer.name}: {', '.join(state)}"))
+        self._pairs(pairs, indent=2)
 
     def _print_view(self, v: StreamView) -> None:
         stored = f"sequences {v.first_seq}..{v.last_seq}" if v.last_seq else "nothing stored yet"
@@ -366,6 +392,19 @@ def _duration(seconds: float) -> str:
     if seconds != total:
         return f"{seconds:g}s"
     return "".join(parts) or "0s"
+
+
+def _leader(cluster: ClusterSummary | None) -> str:
+    if cluster is None:
+        return "-"
+    return cluster.leader or "none"
+
+
+def _peers(cluster: ClusterSummary | None) -> str:
+    """The other replicas, ``!`` after one that is offline, ``~`` after one not caught up."""
+    if cluster is None or not cluster.replicas:
+        return "-"
+    return ", ".join(peer.name + ("!" if peer.offline else "" if peer.current else "~") for peer in cluster.replicas)
 
 
 def _time(value: datetime | None) -> str:
