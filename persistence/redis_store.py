@@ -413,7 +413,7 @@ ASSIGN_SCRIPTS = (ASSIGN_VERSION, ASSIGN_CREATE)
 # How long a round trip keeps following a cluster that is changing (a failover, a slot moving)
 # before its error raises: a request answers 503 then rather than hang. A failover takes about
 # cluster-node-timeout plus a second or two: longer than this, so clients see seconds of 503.
-CLUSTER_RETRY_SECONDS = 1.5
+CLUSTER_RETRY_SECONDS = 1.0
 # How long a master waits for its replicas to acknowledge a version (WAIT's timeout). Replicas on
 # a working network answer in well under a millisecond; a master whose replica is gone makes each
 # write wait this long before it is refused.
@@ -1078,11 +1078,14 @@ def namespace_flush(*, chunk: int = 500) -> int:
         pattern = pattern.replace(special, "\\" + special)
     deleted = 0
     batch: list[bytes] = []
-    for name in redis.scan_iter(match=pattern + "*", count=1000):
-        batch.append(name)
-        if len(batch) >= chunk:
+    try:
+        for name in redis.scan_iter(match=pattern + "*", count=1000):
+            batch.append(name)
+            if len(batch) >= chunk:
+                deleted += int(redis.unlink(*batch))
+                batch = []
+        if batch:
             deleted += int(redis.unlink(*batch))
-            batch = []
-    if batch:
-        deleted += int(redis.unlink(*batch))
+    except RedisClusterException as error:  # the cluster's per-slot pipeline: a slot not served
+        raise ClusterUnavailableError(str(error)) from error
     return deleted
