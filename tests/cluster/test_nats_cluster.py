@@ -9,7 +9,8 @@ PostgreSQL. What is proven here:
 - both streams have three replicas, the consumer follows its stream, an existing R1 stream is
   brought to R3 in place, and `manage.py jetstream` shows replicas, leader and peers;
 - kill -9 of the node leading the stream, and of the node the worker is connected to, while
-  writing: every acknowledged write is in PostgreSQL afterwards;
+  writing: every acknowledged write is in PostgreSQL afterwards; the API's publisher moves to
+  another node when its own dies, and a connection closed for good is replaced;
 - with 2 of 3 nodes dead, writes answer 503 (never 2xx) within the publish timeout, and 2xx
   again once one node is back.
 
