@@ -50,7 +50,7 @@ class ClusterDeployment:
 
         async def go() -> Any:
             nc = await nats.connect(
-                servers=self.nats.url.split(","), connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0
+                servers=self.nats.url.split(","), connect_timeout=2, max_reconnect_attempts=1
             )
             try:
                 return await call(nc.jetstream(timeout=5))
