@@ -55,13 +55,20 @@ async def publish_all(nats_url: str, subject: str, messages: list[tuple[bytes, d
     return len(messages) / (time.perf_counter() - began)
 
 
-async def publish_in_flight(nats_url: str, seconds: float, in_flight: int, payload: bytes) -> dict[str, Any]:
+async def publish_in_flight(
+    nats_url: str, seconds: float, in_flight: int, payload: bytes, *, replicas: int = 1
+) -> dict[str, Any]:
     """The floor of a durable write: ``in_flight`` publishers, each awaiting its PubAck before
-    the next publish, on a stream of its own with the worker stream's storage, for ``seconds``."""
+    the next publish, on a stream of its own with the worker stream's storage and ``replicas``
+    (R3 on a cluster: the PubAck follows a quorum's store), for ``seconds``."""
     nc = await nats.connect(servers=servers(nats_url), name="birb-bench-publish")
     js = nc.jetstream()
     stream = "BIRB_BENCH_PUBLISH"
-    await js.add_stream(api.StreamConfig(name=stream, subjects=["birbbench.publish.>"], storage=api.StorageType.FILE))
+    await js.add_stream(
+        api.StreamConfig(
+            name=stream, subjects=["birbbench.publish.>"], storage=api.StorageType.FILE, num_replicas=replicas
+        )
+    )
     latencies: list[float] = []
     failed = 0
     deadline = time.perf_counter() + seconds

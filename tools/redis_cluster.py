@@ -239,9 +239,15 @@ class RedisCluster:
         for node in self.nodes:
             if node.proc is None:
                 continue
-            try:
-                node.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
+            # A replica still writing its first append-only file ignores a SIGTERM ("Writing
+            # initial AOF, can't exit"): ask again every second until it goes, then kill it.
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while node.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    node.proc.wait(1)
+                except subprocess.TimeoutExpired:
+                    node.proc.terminate()
+            if node.proc.poll() is None:
                 node.proc.kill()
                 node.proc.wait(10)
         self._save_state()
