@@ -58,6 +58,10 @@ MEASUREMENTS = (
 )  # fmt: skip
 # Tracing on (issue #11): GET hit and POST again with OTEL_TRACES_ENABLED=true, every trace kept.
 TRACING_MEASUREMENTS = ("tracing",)
+# On clusters (issue #13, --cluster): GET hit, POST, persist lag through a Redis Cluster (3 + 3)
+# and a three-node NATS with R3 streams on this machine, and the bare publish floor at R1 and R3.
+CLUSTER_MEASUREMENTS = ("cluster",)
+CLUSTER_STREAM = "BIRB_BENCH_CLUSTER"
 # The limiter on for GET hit: every wrk connection is one client (127.0.0.1), so one counter
 # takes all the traffic; the limit is never reached.
 LIMITER_ON = {"enabled": True, "limit": 2_000_000_000, "window": 60, "algorithm": "fixed"}
@@ -513,6 +517,8 @@ class Bench:
                 self.drain(service, stack)
             if self.wanted("get_miss"):
                 self.get_miss(service)
+            if self.args.cluster or "cluster" in self.args.only:
+                self.cluster(service, stack)
         except Exception:
             failed = True
             raise
@@ -655,7 +661,10 @@ class Bench:
     # --- Birb Nest over HTTP -----------------------------------------------------------------
 
     def wanted(self, name: str) -> bool:
-        return not self.args.only or name in self.args.only
+        only = [n for n in self.args.only if n not in CLUSTER_MEASUREMENTS]
+        if self.args.only and not only:  # --only cluster: nothing of the single-node run
+            return False
+        return not only or name in only
 
     def birb_http(self, service: Service) -> None:
         url = service.url
@@ -823,17 +832,20 @@ class Bench:
 
         return jetstream.names()
 
-    def _wait_idle(self, stack: Any, timeout: float = 60) -> None:
+    def _wait_idle(self, stack: Any, timeout: float = 60, stream: str = "") -> None:
         n = self._names()
-        state = asyncio.run(pipeline.wait_drained(stack.nats_url, n.stream, n.consumer, timeout=timeout))
+        state = asyncio.run(pipeline.wait_drained(stack.nats_url, stream or n.stream, n.consumer, timeout=timeout))
         if not state["drained"]:
             self.notes.append(f"the worker had not drained the POST backlog after {timeout:.0f} s: {state}")
 
     def persist_lag(self, service: Service, stack: Any) -> None:
         self._wait_idle(stack)  # the POST measurement's backlog first
+        self.results["persist_lag"] = self._persist_lag(service, stack.database_url)
+
+    def _persist_lag(self, service: Service, database_url: str) -> dict[str, Any]:
         rate, seconds = LAG_RATE, self.plan.lag_seconds
         log(f"persist lag: {rate} writes/s for {seconds:g} s")
-        poller = pipeline.LagPoller(stack.database_url)
+        poller = pipeline.LagPoller(database_url)
         poller.start()
         body = ('{"value": ' + VALUE_JSON + "}").encode()
 
@@ -856,7 +868,7 @@ class Bench:
         poller.stopping.set()
         poller.join(5)
         lags = poller.lags_ms()
-        self.results["persist_lag"] = {
+        return {
             "rate": rate,
             "seconds": seconds,
             **writer.summary(),
@@ -870,6 +882,66 @@ class Bench:
             "server_connections": starved,
             **({"poller_error": str(poller.error)} if poller.error else {}),
         }
+
+    # --- on clusters (--cluster) -------------------------------------------------------------
+
+    def cluster(self, service: Service, stack: Any) -> None:
+        """GET hit, POST and persist lag with the API and the worker on a Redis Cluster (3 masters +
+        3 replicas) and a three-node NATS with R3 streams, all on this machine, after the
+        single-node rows of the same run; and the bare publish floor on that NATS at R1 and R3,
+        which is what R3's quorum round trip costs a write."""
+        from types import SimpleNamespace
+
+        from tools.nats_cluster import start_nats_cluster
+        from tools.redis_cluster import start_redis_cluster
+
+        durable = not self.args.no_fsync
+        base = self.data_dir / "cluster"
+        log("starting a Redis Cluster (3 masters + 3 replicas) and a three-node NATS cluster")
+        redis_cluster = start_redis_cluster(base / "redis", persistence=durable)
+        nats_cluster = None
+        try:
+            nats_cluster = start_nats_cluster(base / "nats", nodes=3, fsync=durable)
+            env = {
+                "REDIS_URL": redis_cluster.url,
+                "NATS_URL": nats_cluster.url,
+                "JETSTREAM_REPLICAS": "3",
+                "BIRB_STREAM": CLUSTER_STREAM,
+                "BIRB_DLQ_STREAM": f"{CLUSTER_STREAM}_DLQ",
+                "BIRB_SUBJECT_PREFIX": "birbbenchcluster",
+            }
+            log("restarting the API and the worker on the clusters")
+            service.stop_worker()
+            service.restart_api(**env)
+            service.start_worker()
+            service.wait_worker()
+            nats = SimpleNamespace(nats_url=nats_cluster.url)
+            log(f"writing {HIT_KEYS} keys through the API (cluster)")
+            asyncio.run(_write_keys(service.url, [f"k{i}" for i in range(HIT_KEYS)]))
+            get = ("get.lua", ["/v1/cache/k", str(HIT_KEYS), str(WRK_THREADS)], get_requests("/v1/cache/k", HIT_KEYS))
+            log(f"GET hit on the clusters ({self.plan.duration:g} s)")
+            self.results["cluster_get_hit"] = self._http(service, "cluster_get_hit", *get)
+            log(f"durable write POST on the clusters ({self.plan.duration:g} s)")
+            self.results["cluster_post"] = self._http(
+                service, "cluster_post", "post.lua", ["w", str(POST_KEYS), str(VALUE_SIZE)],
+                post_requests("w", POST_KEYS),
+            )  # fmt: skip
+            self._wait_idle(nats, stream=CLUSTER_STREAM)
+            log(f"persist lag on the clusters: {LAG_RATE} writes/s for {self.plan.lag_seconds:g} s")
+            self.results["cluster_persist_lag"] = self._persist_lag(service, stack.database_url)
+            body = ('{"op":"set","key":"w0","version":1,"value":' + VALUE_JSON + "}").encode()
+            for replicas in (1, 3):
+                log(f"bare nats-py publish + PubAck on the NATS cluster, R{replicas} ({self.plan.duration:g} s)")
+                self.results[f"cluster_publish_r{replicas}"] = asyncio.run(
+                    pipeline.publish_in_flight(
+                        nats_cluster.url, self.plan.duration, CONNECTIONS, body, replicas=replicas
+                    )
+                )
+        finally:
+            service.stop_worker()
+            if nats_cluster is not None:
+                nats_cluster.stop()
+            redis_cluster.stop()
 
     def drain(self, service: Service, stack: Any) -> None:
         n = self._names()
@@ -952,6 +1024,12 @@ class Bench:
             ratios["get_hit_auth_vs_off"] = round(auth["rps"] / auth_off["rps"], 4)
         if "rps" in r.get("post", {}) and r.get("jetstream_publish", {}).get("rate"):
             ratios["post_vs_publish"] = round(r["post"]["rps"] / r["jetstream_publish"]["rate"], 4)
+        for on_cluster, single in (("cluster_get_hit", "get_hit"), ("cluster_post", "post")):
+            if "rps" in r.get(on_cluster, {}) and "rps" in r.get(single, {}):
+                ratios[f"{on_cluster}_vs_single"] = round(r[on_cluster]["rps"] / r[single]["rps"], 4)
+        r1, r3 = r.get("cluster_publish_r1", {}), r.get("cluster_publish_r3", {})
+        if r1.get("rate") and r3.get("rate"):
+            ratios["cluster_publish_r3_vs_r1"] = round(r3["rate"] / r1["rate"], 4)
         drain, bare = r.get("worker_drain", {}), r.get("jetstream_fetch_ack", {})
         if drain.get("rate") and bare.get("rate"):
             ratios["drain_vs_bare"] = round(drain["rate"] / bare["rate"], 4)
@@ -1025,6 +1103,48 @@ def targets(r: dict[str, Any], ratios: dict[str, float]) -> list[dict[str, Any]]
             "value": value, "met": None if value is None else bool(check(value)),
         })  # fmt: skip
     return out
+
+
+def cluster_markdown(r: dict[str, Any], ratios: dict[str, float], http_row: Any, lines: list[str]) -> None:
+    """Append the --cluster rows to ``lines``, in a table of their own under the single-node one
+    (``http_row`` appends its rows to the same ``lines``)."""
+    lines += [
+        "",
+        "On clusters, same machine: Redis Cluster 3 masters + 3 replicas, NATS 3 nodes, streams R3 "
+        "(JETSTREAM_REPLICAS=3, REDIS_CLUSTER_WAIT_REPLICAS=1), one API and one worker as above.",
+        "",
+        "| measurement | req/s | p50 | p99 | vs reference | notes |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    http_row(
+        "Birb Nest GET hit, cluster", "cluster_get_hit",
+        f"{ratios['cluster_get_hit_vs_single']:.2f} x single node" if "cluster_get_hit_vs_single" in ratios else "",
+        "redis-py's cluster client: slot lookup and a pipeline per node",
+    )  # fmt: skip
+    http_row(
+        "Birb Nest durable write (POST), cluster", "cluster_post",
+        f"{ratios['cluster_post_vs_single']:.2f} x single node" if "cluster_post_vs_single" in ratios else "",
+        "PubAck after a quorum of 2 of 3 stored it; version replicated first (WAIT 1)",
+    )  # fmt: skip
+    for replicas in (1, 3):
+        pub = r.get(f"cluster_publish_r{replicas}", {})
+        if pub:
+            ratio = ""
+            if replicas == 3 and "cluster_publish_r3_vs_r1" in ratios:
+                ratio = f"{ratios['cluster_publish_r3_vs_r1']:.2f} x R1"
+            lines.append(
+                f"| JetStream publish + PubAck, bare nats-py, R{replicas} on the cluster | {_fmt(pub.get('rate'))} | "
+                f"{_fmt(pub.get('p50_ms'), '.2f')} ms | {_fmt(pub.get('p99_ms'), '.2f')} ms | {ratio} | "
+                f"reference: {pub.get('in_flight')} in flight; {pub.get('failed', 0)} failed |"
+            )
+    lag = r.get("cluster_persist_lag", {})
+    if lag:
+        lines.append(
+            f"| Persist lag, cluster | {_fmt(lag.get('achieved_rps'))} writes/s | {_fmt(lag.get('p50_ms'))} ms | "
+            f"{_fmt(lag.get('p99_ms'))} ms | | target rate {lag.get('rate', 0):,}/s; max {_fmt(lag.get('max_ms'))} ms"
+            + (f"; **{lag['not_seen_after_30s']} not seen**" if lag.get("not_seen_after_30s") else "")
+            + " |"
+        )
 
 
 def _fmt(value: Any, spec: str = ",.0f") -> str:
@@ -1168,6 +1288,8 @@ def markdown(data: dict[str, Any]) -> str:
         )
         + " |"
     )
+    if any(name.startswith("cluster_") for name in r):
+        cluster_markdown(r, ratios, http_row, lines)
     rss = r.get("rss_mb", {})
     lines += ["", "Peak RSS: " + ", ".join(f"{role} {mb:.0f} MB" for role, mb in rss.items()) + "."]
     lines += ["", "| target | required | measured | |", "|---|---|---|---|"]
@@ -1220,9 +1342,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=(*MEASUREMENTS, *TRACING_MEASUREMENTS),
+        choices=(*MEASUREMENTS, *TRACING_MEASUREMENTS, *CLUSTER_MEASUREMENTS),
         default=[],
         help="run only this measurement (repeatable; get_miss includes the drain, which makes its keys)",
+    )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also GET hit, POST, persist lag on a local Redis Cluster (3+3) and 3-node NATS with R3 streams",
     )
     parser.add_argument("--keep", action="store_true", help="keep the servers' data and logs")
     args = parser.parse_args(argv)
