@@ -49,9 +49,7 @@ class ClusterDeployment:
         import nats
 
         async def go() -> Any:
-            nc = await nats.connect(
-                servers=self.nats.url.split(","), connect_timeout=2, max_reconnect_attempts=1
-            )
+            nc = await nats.connect(servers=self.nats.url.split(","), connect_timeout=2, max_reconnect_attempts=1)
             try:
                 return await call(nc.jetstream(timeout=5))
             finally:
