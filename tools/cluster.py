@@ -52,6 +52,7 @@ from tools.stack import (
     _stop_request,
     _stored_secret_key,
     _Supervisor,
+    _write_env_file,
     _write_state,
     start_stack,
 )
@@ -243,21 +244,6 @@ def _wait_serving(children: list[_ClusterChild], urls: list[str]) -> dict[str, i
     return statuses
 
 
-def _write_env_file(path: Path, values: dict[str, str]) -> None:
-    lines = [
-        "# Written by `python -m tools.cluster` (make cluster): its servers and APIs. manage.py reads it\n",
-        f"# for unset variables when BIRB_DATA_DIR={path.parent}; scripts: set -a; . {path}; set +a\n",
-    ]
-    for key, value in values.items():
-        # Single quotes: python-dotenv takes them literally (no ${VAR} interpolation).
-        quoted = value.replace("\\", "\\\\").replace("'", "\\'")
-        lines.append(f"{key}='{quoted}'\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(lines))
-    tmp.chmod(0o600)  # holds SECRET_KEY
-    os.replace(tmp, path)
-
-
 def _serve(data_dir: Path, requested_ports: list[int] | None) -> int:
     """Servers, stack.env, migrations, apps, then the supervisor loop until a signal."""
     from birbnest.env import BASE_DIR, STACK_ENV_FILE, exit_on_config_error, load_config
@@ -303,7 +289,13 @@ def _serve(data_dir: Path, requested_ports: list[int] | None) -> int:
             "NATS_URL": nats.url,
             "JETSTREAM_REPLICAS": str(JETSTREAM_REPLICAS),
         }
-        _write_env_file(data_dir / STACK_ENV_FILE, {**urls, "SECRET_KEY": secret_key})
+        env_file = data_dir / STACK_ENV_FILE
+        _write_env_file(
+            env_file,
+            {**urls, "SECRET_KEY": secret_key},
+            header="# Written by `python -m tools.cluster` (make cluster): its servers and APIs. manage.py reads it\n"
+            f"# for unset variables when BIRB_DATA_DIR={data_dir}; scripts: set -a; . {env_file}; set +a\n",
+        )
         env = {**os.environ, **fixed, **urls, "PYTHONUNBUFFERED": "1"}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # runapi makes one per port
         env.pop("REDIS_CLUSTER", None)  # the URL says it

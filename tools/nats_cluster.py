@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from tools.stack import _HTTP, NATS_MAX_PAYLOAD, StackError, _choose_port, _log_since, _nats_server
+from tools.stack import _HTTP, NATS_MAX_PAYLOAD, StackError, _choose_port, _log_since, _nats_server, _stop_process
 
 logger = logging.getLogger("tools.nats_cluster")
 
@@ -391,15 +391,7 @@ def _serving(node: NatsClusterNode) -> bool:
 
 
 def _terminate(name: str, proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s (pid %d) did not stop in %.0f s; killing it", name, proc.pid, STOP_TIMEOUT)
-            proc.kill()
-            proc.wait()
-        logger.info("%s stopped (pid %d)", name, proc.pid)
+    _stop_process(name, proc, signal.SIGTERM)
 
 
 def _load_state(data_dir: Path) -> list[dict[str, Any]]:

@@ -647,9 +647,11 @@ def _log_since(path: Path, offset: int, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _stop_process(name: str, proc: subprocess.Popen[bytes]) -> None:
+def _stop_process(name: str, proc: subprocess.Popen[bytes], stop_signal: int | None = None) -> None:
+    """Stop with the server's own signal (``STOP_SIGNALS``, or ``stop_signal``), SIGKILL after
+    STOP_TIMEOUT."""
     if proc.poll() is None:
-        proc.send_signal(STOP_SIGNALS[name])
+        proc.send_signal(STOP_SIGNALS[name] if stop_signal is None else stop_signal)
         try:
             proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -748,8 +750,12 @@ def _stored_secret_key(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _write_env_file(path: Path, values: dict[str, str]) -> None:
-    lines = ["# Written by `python -m tools.stack`: the servers in use, read by manage.py for unset variables.\n"]
+def _write_env_file(
+    path: Path,
+    values: dict[str, str],
+    header: str = "# Written by `python -m tools.stack`: the servers in use, read by manage.py for unset variables.\n",
+) -> None:
+    lines = [header]
     for key, value in values.items():
         # Single quotes: python-dotenv takes them literally (no ${VAR} interpolation).
         quoted = value.replace("\\", "\\\\").replace("'", "\\'")
