@@ -69,6 +69,10 @@ format: $(STAMP) ## ruff format + autofix
 clean-data: ## delete var/ (all data of the servers `make run` started)
 	rm -rf var/
 
-.PHONY: bench
-bench: $(STAMP) ## Birb Nest beside Redis, Webdis, nats-py (< 5 min; apt-installs wrk, redis-tools, webdis as root)
+.PHONY: bench bench-large
+bench: $(STAMP) ## Birb Nest beside Redis, Webdis, nats-py, then the cost curves (BENCH_ARGS, CURVES_ARGS; apt-installs wrk, redis-tools, webdis as root)
 	$(PY) -m bench.run --install-tools $(BENCH_ARGS)
+	$(PY) -m bench.curves --install-tools $(CURVES_ARGS)
+
+bench-large: $(STAMP) ## the cost curves with 10M rows too (bench.curves --large; long, never in CI)
+	$(PY) -m bench.curves --install-tools --large $(CURVES_ARGS)
