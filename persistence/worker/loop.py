@@ -45,6 +45,11 @@ from persistence.write_behind import cache_entries_upsert_many
 logger = logging.getLogger("persistence.worker")
 # How long a partial batch waits for more messages before it is written (see fetch_ahead).
 BATCH_LINGER = 0.02
+# A connection NATS closed for good is noticed by the main loop between two fetches; if the loop
+# is still waiting on something this long after the close, the wait is abandoned (see
+# run_until_closed) and the worker connects again.
+CLOSED_GRACE = 5.0
+CLOSED_CHECK_INTERVAL = 0.5
 
 # SQLSTATEs that say "this row can never be written": data exceptions (class 22: bad value,
 # out of range, untranslatable character), constraint violations (23), and a rejection raised
@@ -71,6 +76,50 @@ def is_permanent(error: db.Error) -> bool:
 async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def run_until_closed(worker: Worker, js: jetstream.JetStream) -> None:
+    """``worker.run()``, abandoned when the connection has been closed for :data:`CLOSED_GRACE`
+    and it has not returned by itself.
+
+    The loop checks the connection between two fetches, but an await under way when NATS closes
+    the connection may never end: nats-py's close can stop half-way (a reset socket while it
+    flushes) before it cancels the subscription's waits. Unacknowledged messages come back after
+    the ack wait, as with any lost connection.
+    """
+    task = asyncio.create_task(worker.run())
+    closed_since: float | None = None
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=CLOSED_CHECK_INTERVAL)
+        if done:
+            return task.result()
+        if not js.is_closed:
+            closed_since = None
+            continue
+        closed_since = closed_since or time.monotonic()
+        if time.monotonic() - closed_since < CLOSED_GRACE:
+            continue
+        logger.error(
+            "NATS closed the connection %.0f s ago and the worker is still waiting; giving the wait up: %s",
+            time.monotonic() - closed_since,
+            _awaiting(task),
+        )
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        worker.connection_lost = True
+        return
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a task waits: its chain of awaited coroutines, outermost first."""
+    frames = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and getattr(awaited, "cr_frame", None) is not None:
+        frame = awaited.cr_frame
+        frames.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaited = awaited.cr_await
+    return " > ".join(frames) or "?"
 
 
 class _StoppingError(Exception):
@@ -531,7 +580,7 @@ async def run_async(
         with contextlib.suppress(ValueError, RuntimeError):
             loop.add_signal_handler(signal.SIGUSR1, worker.request_reload)
         try:
-            await worker.run()
+            await run_until_closed(worker, js)
         except Exception as error:
             if not js.is_closed:
                 raise
