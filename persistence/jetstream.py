@@ -21,6 +21,7 @@ acknowledged write survives the loss of any minority of the nodes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -542,6 +543,30 @@ class JetStream:
         await self.nc.close()
 
 
+class _Job:
+    """A coroutine submitted to the loop by :meth:`SyncJetStream.run`; ``done`` is released
+    (from the loop's thread) once its task has finished."""
+
+    __slots__ = ("cancelled", "coro", "done", "error", "task")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self.coro = coro
+        self.task: asyncio.Task[Any] | None = None
+        self.error: Exception | None = None
+        self.cancelled = False
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def finished(self, _task: asyncio.Task[Any]) -> None:
+        self.done.release()
+
+    def cancel(self) -> None:
+        """On the loop: the caller stopped waiting."""
+        self.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
+
+
 class SyncJetStream:
     """Runs :class:`JetStream` on a private event loop so synchronous code can use it."""
 
@@ -555,14 +580,50 @@ class SyncJetStream:
         self._retry_at = 0.0
         self._retry_wait = RECONNECT_INTERVAL
         self._down_since: float | None = None  # when a publish first found the connection down
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._wakeup_pending = False
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise
+        """Run ``coro`` on the loop and wait (at most ``timeout``, then TimeoutError and the
+        coroutine is cancelled) for its result or exception.
+
+        The hand-off is lighter than ``asyncio.run_coroutine_threadsafe``: the coroutine joins a
+        queue that the loop empties in one wake-up (one self-pipe write for all the requests
+        that submit meanwhile), and the caller waits on a bare lock that the task's completion
+        releases (no ``concurrent.futures.Future`` and its ``Condition`` per call).
+        """
+        job = _Job(coro)
+        self._queue.append(job)
+        if not self._wakeup_pending:
+            self._wakeup_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._start_queued)
+            except BaseException:
+                self._wakeup_pending = False
+                raise
+        if not job.done.acquire(timeout=timeout):
+            self._loop.call_soon_threadsafe(job.cancel)
+            raise TimeoutError
+        if job.task is None:  # the loop could not start it
+            raise job.error or RuntimeError("the coroutine was not started")
+        return job.task.result()
+
+    def _start_queued(self) -> None:
+        """On the loop: a task for every coroutine submitted since the last wake-up."""
+        self._wakeup_pending = False  # first: a job queued from now on schedules another wake-up
+        queue, loop = self._queue, self._loop
+        while queue:
+            job = queue.popleft()
+            if job.cancelled:
+                job.coro.close()
+                continue
+            try:
+                job.task = task = loop.create_task(job.coro)
+            except Exception as error:  # not a coroutine: the caller gets the error, the others go on
+                job.error = error
+                job.done.release()
+                continue
+            task.add_done_callback(job.finished)
 
     def client(self) -> JetStream:
         """The connection, connecting first if there is none or the one there was is closed.
