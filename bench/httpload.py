@@ -113,15 +113,23 @@ async def closed_loop(
     connections: int,
     duration: float,
     headers: dict[str, str] | None = None,
+    expect: int | None = None,
+    on_answer: Callable[[int, bytes], None] | None = None,
+    timeout: float = 10.0,
 ) -> LoadResult:
-    """``connections`` clients each sending the next request as soon as the last one answered."""
+    """``connections`` clients each sending the next request as soon as the last one answered.
+
+    An answer counts in ``non_2xx`` when its status is not 2xx, or, with ``expect``, when it is
+    not that status (GET absent key expects 404). ``on_answer(status, body)`` sees every answer.
+    ``timeout``: seconds to wait for an answer before counting an error.
+    """
     latencies: list[float] = []
     counts = {"n": 0, "non_2xx": 0, "errors": 0}
     began = time.perf_counter()
     end = began + duration
 
     async def client() -> None:
-        conn = HttpConnection(host, port, headers=headers)
+        conn = HttpConnection(host, port, timeout=timeout, headers=headers)
         try:
             while time.perf_counter() < end:
                 i = counts["n"]
@@ -129,14 +137,16 @@ async def closed_loop(
                 method, path, body = next_request(i)
                 start = time.perf_counter()
                 try:
-                    status, _ = await conn.request(method, path, body)
+                    status, payload = await conn.request(method, path, body)
                 except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
                     counts["errors"] += 1
                     await asyncio.sleep(0.01)
                     continue
                 latencies.append((time.perf_counter() - start) * 1000)
-                if not 200 <= status < 300:
+                if (status != expect) if expect is not None else not 200 <= status < 300:
                     counts["non_2xx"] += 1
+                if on_answer is not None:
+                    on_answer(status, payload)
         finally:
             conn.close()
 

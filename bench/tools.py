@@ -86,7 +86,7 @@ def parse_wrk(output: str) -> dict[str, Any]:
         raise ValueError(f"cannot read wrk's output:\n{output}")
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    return {
+    result: dict[str, Any] = {
         "rps": float(rps.group(1)),
         "p50_ms": round(_ms(p50.group(1)), 3),
         "p99_ms": round(_ms(p99.group(1)), 3),
@@ -95,18 +95,33 @@ def parse_wrk(output: str) -> dict[str, Any]:
         "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
         "errors": sum(int(n) for n in errors.groups()) if errors else 0,
     }
+    # Counters a script's done() prints, one "bench <name>: <integer>" line each (absent.lua, batch_set.lua).
+    counters = {m.group(1): int(m.group(2)) for m in re.finditer(r"^bench (\w+): (\d+)$", output, re.M)}
+    if counters:
+        result["script"] = counters
+    return result
 
 
 def run_wrk(
-    url: str, script: str, args: list[str], *, duration: float, connections: int, threads: int
+    url: str,
+    script: str,
+    args: list[str],
+    *,
+    duration: float,
+    connections: int,
+    threads: int,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+    """``timeout``: wrk's --timeout in seconds (its default is 2 s: a slower answer is counted as a
+    timeout error and left out of the latencies, though still in the requests)."""
+    options = [f"--timeout={timeout:g}s"] if timeout else []
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", *options,
             "-s", str(BENCH_DIR / script), url, "--", *args]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60 + (timeout or 0))
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     result = parse_wrk(done.stdout)
-    result["command"] = " ".join(["wrk", *argv[1:6], f"bench/{script}", url, "--", *args])
+    result["command"] = " ".join(["wrk", *argv[1 : 6 + len(options)], f"bench/{script}", url, "--", *args])
     return result
 
 
@@ -238,10 +253,10 @@ def start_webdis(work_dir: Path, redis_port: int, http_port: int) -> Webdis:
     raise RuntimeError(f"webdis did not start; {out}: {out.read_text(errors='replace')[-500:]}")
 
 
-def http_get(url: str) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
     """(status, body), for error statuses too."""
     try:
-        with _HTTP.open(url, timeout=5) as response:
+        with _HTTP.open(url, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
