@@ -262,6 +262,18 @@ def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[st
     return lambda name, raw: parse_int(name, raw, minimum=minimum, maximum=maximum)
 
 
+def _duration(maximum: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        value = parse_duration(name, raw)
+        if value > maximum:
+            raise ConfigError(name, raw, f"is above the maximum of {maximum:g}s")
+        if 0 < value < 0.001:
+            raise ConfigError(name, raw, "is below the minimum of 1ms (0 = off)")
+        return value
+
+    return parse
+
+
 def _choice(*choices: str) -> Callable[[str, str], str]:
     return lambda name, raw: parse_choice(name, raw, choices)
 
@@ -353,6 +365,13 @@ SETTINGS: tuple[Setting, ...] = (
         "7d",
         parse_duration,
         "How long deleted keys keep their version (blocks late older writes).",
+    ),
+    Setting(
+        "NEGATIVE_CACHE_TTL",
+        "30s",
+        _duration(3600),
+        "How long Redis remembers that a read found a key absent in PostgreSQL (0 = off, at most 1h); "
+        "any write of the key replaces it at once.",
     ),
     Setting(
         "API_AUTH",
@@ -502,6 +521,7 @@ class Config:
     worker_liveness_file: str
     write_fallback: str
     tombstone_retention: float
+    negative_cache_ttl: float
     api_auth: str
     log_level: str
     log_format: str

@@ -8,6 +8,11 @@ Layout (prefix ``REDIS_KEY_PREFIX``):
   Expires by itself at ``x``. A delete leaves a tombstone hash ``{v, t=1}`` for
   ``TOMBSTONE_RETENTION`` so a late, older write cannot bring the key back and a read does not
   fall through to a PostgreSQL row the worker has not deleted yet.
+  A read that found the key absent in PostgreSQL leaves a negative entry: a tombstone at version
+  0, ``{v=0, t=1}``, for ``NEGATIVE_CACHE_TTL``, so the next reads answer "absent" from Redis.
+  Every write and delete replaces it (its version is above 0), and it is stored only while no
+  hash is there and the key's counter has not moved since before PostgreSQL was asked
+  (:func:`remember_absent`): a write that came between is never hidden.
   When the worker persists a version newer than the hash, the hash becomes a stale marker
   ``{v, e=1, c}`` for ``STALE_MARK_MS``: reads treat it as a miss (and load PostgreSQL's row),
   a write still in flight with an older version is not stored over it, and a write does not
@@ -157,6 +162,21 @@ local cur = redis.call('HGET', KEYS[1], 'v')
 if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 't', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# A negative entry: the key is absent, as PostgreSQL said on a read that missed Redis.
+# KEYS: entry hash, version counter. ARGV: the counter as read before PostgreSQL was asked
+# ('' = there was none), lifetime in ms. Stored only if no hash is there (an entry, tombstone or
+# stale marker stored meanwhile stands) and the counter is what it was: a write or delete that
+# took a version since may not be in PostgreSQL's answer, and would be hidden.
+# It is a tombstone at version 0, so every write's and delete's store replaces it. -> 1 stored, 0 not.
+_STORE_ABSENT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = redis.call('GET', KEYS[2])
+if (n or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'v', '0', 't', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -405,6 +425,7 @@ RELEASE_RESERVATION = HotScript(_RELEASE_RESERVATION, "release_reservation")
 STORE_ENTRY = HotScript(_STORE_ENTRY, "store_entry")
 STORE_TOMBSTONE = HotScript(_STORE_TOMBSTONE, "store_tombstone")
 EVICT_STALE = HotScript(_EVICT_STALE, "evict_stale")
+STORE_ABSENT = HotScript(_STORE_ABSENT, "store_absent")
 ASSIGN_SCRIPTS = (ASSIGN_VERSION, ASSIGN_CREATE)
 
 
@@ -752,7 +773,8 @@ def read_command(key: str) -> tuple[Any, ...]:
 
 
 def entry_from_reply(key: str, reply: Any) -> StoredEntry | Tombstone | None:
-    """The entry, a tombstone, or None, from the reply to :func:`read_command`."""
+    """The entry, a tombstone (or a negative entry: a tombstone at version 0), or None, from the
+    reply to :func:`read_command`."""
     reply = checked(reply)
     if isinstance(reply, list):  # RESP2: field, value, field, value, ...
         reply = dict(zip(reply[::2], reply[1::2], strict=True))
@@ -785,6 +807,26 @@ def read(key: str) -> StoredEntry | Tombstone | None:
         _pinned.prefetched = None
         return entry_from_reply(key, prefetched[1])
     return entry_from_reply(key, round_trip(read_command(key))[0])
+
+
+def version_counters(keys: list[str]) -> list[bytes | None]:
+    """One round trip: each key's version counter as Redis holds it (None: no counter), read
+    before PostgreSQL is asked whether the key exists, to guard :func:`remember_absent`."""
+    if not keys:
+        return []
+    return [checked(reply) for reply in round_trip(*(("GET", version_key(key)) for key in keys))]
+
+
+def remember_absent(counters: list[tuple[str, bytes | None]], *, ttl_ms: int) -> list[bool | ResponseError]:
+    """Leave a negative entry for each key PostgreSQL said is absent (one round trip), given its
+    counter as :func:`version_counters` read it before PostgreSQL was asked. For each: whether it
+    was stored (not when a hash is there or the counter moved), or Redis's error reply."""
+    commands = [
+        STORE_ABSENT.command([entry_key(key), version_key(key)], [b"" if counter is None else counter, ttl_ms])
+        for key, counter in counters
+    ]
+    replies = round_trip(*commands, scripts=(STORE_ABSENT,)) if commands else []
+    return [reply if isinstance(reply, ResponseError) else bool(reply) for reply in replies]
 
 
 class ReadTooLargeError(Exception):

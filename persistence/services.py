@@ -14,7 +14,9 @@ awaited, the Redis stores pipelined. One message per write: de-duplication and t
 the same as for single writes.
 
 Read: Redis; on a miss PostgreSQL (one query per key per process however many readers wait),
-and the row is put back in Redis with the TTL it has left.
+and the row is put back in Redis with the TTL it has left. A key PostgreSQL does not have leaves
+a negative entry in Redis for ``NEGATIVE_CACHE_TTL`` (stored only if no write of the key came
+between; every write replaces it), so reads of absent keys stay in Redis too.
 """
 
 from __future__ import annotations
@@ -730,14 +732,66 @@ _misses = _SingleFlight()
 _drain_wait = _SingleFlight()
 
 
-def _load_from_db(key: str) -> StoredEntry | None:
+def _negative_ttl_ms() -> int:
+    """How long a negative entry lives (``NEGATIVE_CACHE_TTL``); 0 = absence is not remembered."""
+    return int(settings.BIRB.negative_cache_ttl * 1000)
+
+
+class _Absent:
+    """PostgreSQL's word that a key is absent, with the key's version counter as Redis held it
+    before PostgreSQL was asked: what :func:`redis_store.remember_absent` needs to leave a negative
+    entry. Readers that shared the query all get it; the first to :meth:`claim` it stores it."""
+
+    def __init__(self, counter: bytes | None) -> None:
+        self.counter = counter
+        self._unclaimed = [True]
+
+    def claim(self) -> bool:
+        try:
+            return self._unclaimed.pop()  # atomic: exactly one caller gets True
+        except IndexError:
+            return False
+
+
+_UNREAD: Any = object()  # the key's version counter is to be read by _load_from_db
+_FORGET: Any = object()  # Redis is failing: absence is not remembered (nor the counter read)
+
+
+def _load_from_db(key: str, counter: Any = _UNREAD) -> StoredEntry | _Absent | None:
+    """A Redis miss read through: PostgreSQL's entry (put back in Redis), or, when it has none,
+    :class:`_Absent` if absence may be remembered (``NEGATIVE_CACHE_TTL`` is on, and the key's
+    counter is read first, unless the caller read it already: ``counter``), else None."""
+    remember = _negative_ttl_ms() > 0 and counter is not _FORGET
+    if remember and counter is _UNREAD:
+        try:
+            counter = redis_store.version_counters([key])[0]
+        except RedisError as error:
+            logger.debug("version counter of %s not read, absence not remembered: %s", key, error)
+            remember = False
     entry = _db_call(selectors.cache_entry_get_from_db, key=key)
     if entry is not None:
         try:
             redis_store.store(entry)
         except RedisError as error:
             logger.warning("could not put %s back in Redis: %s", key, error)
-    return entry
+        return entry
+    return _Absent(counter) if remember else None
+
+
+def _remember_absent(absent: list[tuple[str, _Absent]]) -> None:
+    """Negative entries for the keys PostgreSQL found absent (one round trip), each stored by
+    one of the readers that shared its query. Best effort: without them reads ask PostgreSQL."""
+    claimed = [(key, found.counter) for key, found in absent if found.claim()]
+    if not claimed:
+        return
+    try:
+        replies = redis_store.remember_absent(claimed, ttl_ms=_negative_ttl_ms())
+    except RedisError as error:
+        logger.warning("absence of %d keys not remembered in Redis: %s", len(claimed), error)
+        return
+    for (key, _), reply in zip(claimed, replies, strict=True):
+        if isinstance(reply, Exception):
+            logger.warning("absence of %s not remembered in Redis: %s", key, reply)
 
 
 def cache_entry_get(*, key: str) -> StoredEntry | None:
@@ -746,22 +800,29 @@ def cache_entry_get(*, key: str) -> StoredEntry | None:
 
 
 def _get(key: str) -> tuple[StoredEntry | None, bool]:
-    """(entry, was a Redis hit)."""
+    """(entry, was a Redis hit). A tombstone or a negative entry is a hit that says "absent"; a
+    miss that PostgreSQL answers "absent" leaves a negative entry (see :class:`_Absent`)."""
+    counter = _UNREAD
     try:
         cached = redis_store.read(key)
     except RedisError as error:
         logger.warning("Redis read of %s failed, reading PostgreSQL: %s", key, error)
-        cached = None
+        cached, counter = None, _FORGET
     if isinstance(cached, StoredEntry):
         return cached, True
     if isinstance(cached, Tombstone):
         return None, True
-    return _misses.do(key, lambda: _load_from_db(key)), False
+    loaded = _misses.do(key, lambda: _load_from_db(key, counter))
+    if isinstance(loaded, _Absent):
+        _remember_absent([(key, loaded)])
+        return None, False
+    return loaded, False
 
 
 def cache_entry_read(*, key: str) -> StoredEntry | None:
     """A client's read (``GET /v1/cache/{key}``): :func:`cache_entry_get`, counted as a cache hit
-    when Redis answered (an entry or a tombstone) and as a miss when PostgreSQL was asked."""
+    when Redis answered (an entry, a tombstone or a negative entry) and as a miss when PostgreSQL
+    was asked."""
     entry, hit = _get(key)
     (CACHE_HITS if hit else CACHE_MISSES).inc()
     return entry
@@ -771,7 +832,9 @@ def cache_entries_get_many(
     *, keys: list[str], max_bytes: int | None = None
 ) -> tuple[dict[str, StoredEntry], list[str], int]:
     """(found entries, missing keys, Redis hits) for a batch; misses read through one by one.
-    Each key is counted once, as a cache hit or a miss.
+    Each key is counted once, as a cache hit (Redis answered: an entry, a tombstone or a negative
+    entry) or a miss. The misses' counters are read in one round trip before PostgreSQL is asked,
+    and the negative entries of those it finds absent are stored in one more.
 
     With ``max_bytes``, :class:`BatchTooLargeError` is raised as soon as the entries found hold
     more value and metadata text than that: the answer is refused, not truncated, and never
@@ -785,24 +848,50 @@ def cache_entries_get_many(
     except RedisError as error:
         logger.warning("Redis batch read failed, reading PostgreSQL: %s", error)
         cached = [None] * len(unique)
+        counters: dict[str, Any] = dict.fromkeys(unique, _FORGET)
+    else:
+        counters = _counters_of_misses([key for key, item in zip(unique, cached, strict=True) if item is None])
     found: dict[str, StoredEntry] = {}
     missing: list[str] = []
+    absent: list[tuple[str, _Absent]] = []
     hits = 0
     size = 0
-    for key, item in zip(unique, cached, strict=True):
-        if isinstance(item, StoredEntry):
-            found[key] = item
-            hits += 1
-        elif item is not TOMBSTONE and (entry := _misses.do(key, functools.partial(_load_from_db, key))) is not None:
-            found[key] = entry
-        else:
-            missing.append(key)
-            continue
-        size += len(found[key].value_json) + len(found[key].metadata_json)
-        if max_bytes is not None and size > max_bytes:
-            raise BatchTooLargeError(size=size, limit=max_bytes)
+    try:
+        for key, item in zip(unique, cached, strict=True):
+            if isinstance(item, StoredEntry):
+                found[key] = item
+                hits += 1
+            elif item is TOMBSTONE:
+                missing.append(key)
+                hits += 1
+                continue
+            else:
+                loaded = _misses.do(key, functools.partial(_load_from_db, key, counters[key]))
+                if not isinstance(loaded, StoredEntry):
+                    if isinstance(loaded, _Absent):
+                        absent.append((key, loaded))
+                    missing.append(key)
+                    continue
+                found[key] = loaded
+            size += len(found[key].value_json) + len(found[key].metadata_json)
+            if max_bytes is not None and size > max_bytes:
+                raise BatchTooLargeError(size=size, limit=max_bytes)
+    finally:
+        _remember_absent(absent)
     if hits:
         CACHE_HITS.inc(hits)
     if len(unique) > hits:
         CACHE_MISSES.inc(len(unique) - hits)
     return found, missing, hits
+
+
+def _counters_of_misses(keys: list[str]) -> dict[str, Any]:
+    """The version counters of a batch's misses, read in one round trip before PostgreSQL is
+    asked (see :func:`_load_from_db`): ``_FORGET`` for each when absence is not remembered."""
+    if not keys or _negative_ttl_ms() <= 0:
+        return dict.fromkeys(keys, _FORGET)
+    try:
+        return dict(zip(keys, redis_store.version_counters(keys), strict=True))
+    except RedisError as error:
+        logger.warning("version counters not read, absence of %d keys not remembered: %s", len(keys), error)
+        return dict.fromkeys(keys, _FORGET)

@@ -58,7 +58,8 @@ def test_expired_and_deleted_rows_count_as_missing(client: Client) -> None:
     make_row(deleted, deleted=True)
     assert client.get(f"/v1/cache/{expired}").status_code == 404
     assert client.get(f"/v1/cache/{deleted}").status_code == 404
-    assert redis_store.read(expired) is None
+    # not put back in Redis as an entry: remembered as absent (a negative entry, NEGATIVE_CACHE_TTL)
+    assert redis_store.read(expired) is redis_store.TOMBSTONE
 
 
 def test_writes_after_redis_loss_continue_from_the_version_postgresql_knows(
