@@ -516,9 +516,10 @@ class Worker:
         """Best effort: drop Redis copies older than what was just committed.
 
         Runs in the background while the next batch is fetched and written; at most one runs
-        at a time. A version 1 is skipped: no copy older than the first version can exist.
+        at a time. First versions are checked too: a GET that found the key absent leaves a
+        negative entry (version 0) that a first write whose own store failed would not replace.
         """
-        versions = {w.key: w.version for w in batch if w.op == OP_SET and w.version > 1}
+        versions = {w.key: w.version for w in batch if w.op == OP_SET}
         if self.evicting is not None:
             await self.evicting
             self.evicting = None

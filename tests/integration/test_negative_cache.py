@@ -379,3 +379,24 @@ def test_on_a_redis_cluster_negative_entries_live_in_their_keys_slot(redis_clust
         assert redis_store.namespace_flush() > 0
     finally:
         django_settings.BIRB = old
+
+
+def test_a_first_write_not_cached_replaces_the_negative_entry_once_persisted(worker, monkeypatch) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    # given an absent key remembered as absent
+    key = unique_key("first-uncached")
+    assert services.cache_entry_get(key=key) is None
+    # when its first write is made durable but Redis refuses to store it
+    store_written = redis_store.store_written
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise RedisConnectionError("refused for the test")
+
+    monkeypatch.setattr(redis_store, "store_written", refused)
+    result = services.cache_entry_set(key=key, value_json=b'"first"', ttl=None)
+    monkeypatch.setattr(redis_store, "store_written", store_written)
+    assert result.entry.version == 1
+    # then once the worker has persisted it, the negative entry no longer hides it
+    wait_for(lambda: CacheEntry.objects.filter(key=key).exists(), timeout=20, message="the write persisted")
+    wait_for(lambda: services.cache_entry_get(key=key) is not None, timeout=5, message="the write to be readable")
