@@ -70,7 +70,7 @@ clean-data: ## delete var/ (all data of the servers `make run` started)
 	rm -rf var/
 
 .PHONY: bench bench-large
-bench: $(STAMP) ## Birb Nest beside Redis, Webdis, nats-py, then the cost curves (BENCH_ARGS, CURVES_ARGS; apt-installs wrk, redis-tools, webdis as root)
+bench: $(STAMP) ## Birb Nest beside Redis, Webdis, nats-py (~3 min), then the cost curves (~17 min; BENCH_ARGS, CURVES_ARGS; apt-installs wrk, redis-tools, webdis as root)
 	$(PY) -m bench.run --install-tools $(BENCH_ARGS)
 	$(PY) -m bench.curves --install-tools $(CURVES_ARGS)
 
