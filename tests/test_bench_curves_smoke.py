@@ -52,7 +52,7 @@ def test_bench_curves_smoke(tmp_path: Path) -> None:
     backlog = r["backlog"]
     assert backlog["drained"] and backlog["messages"] == 2_000 and backlog["rows_in_postgresql"] == 2_000, backlog
     assert backlog["drain_seconds"] > 0 and backlog["worker_peak_rss_mb"] > 0, backlog
-    for window in ("post_before", "post_during"):
+    for window in ("post_before", "post_during", "post_after"):
         assert backlog[window]["requests"] > 0 and backlog[window]["non_2xx"] == 0, backlog
 
     purge = r["purge"]
