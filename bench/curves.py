@@ -13,9 +13,9 @@ worker through bench.run's ``Service``):
 - ``backlog``: the worker's drain of a 1,000,000-message backlog (published while it is
   stopped, as the API would have), its peak RSS meanwhile, and the API's POST latency at a
   paced 200 writes/s before and during the drain;
-- ``purge``: deleting the expired quarter of a 1M-row table (nothing in the service purges
-  expired rows today: this is the batched DELETE an operator would run), its time, and GET hit
-  and GET miss latency of paced readers before and during it.
+- ``purge``: deleting the expired quarter of a 1M-row table with ``manage.py purge_expired
+  --retention 0s`` (the purge the workers run every WORKER_EXPIRED_PURGE_INTERVAL, run to the
+  end), its time, and GET hit and GET miss latency of paced readers before and during it.
 
 Prints a markdown table per curve on stdout (progress on stderr), writes the figures as JSON to
 ``var/bench/curves-<UTC stamp>.json`` and a plot to ``docs/bench/cost-curves.png``. Never
@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -67,7 +68,7 @@ LARGE_ROWS = 10_000_000
 VALUE_SIZES = (100, 10_000, 100_000, 1_000_000)
 WRITE_RATE = 200  # paced POSTs/s while the backlog drains (and before, as the reference)
 READ_RATE = 100  # paced GETs/s of each kind (hit, miss) around the purge
-PURGE_BATCH = 10_000
+PURGE_BATCH = 5_000  # persistence.write_behind.PURGE_BATCH, what the purge deletes per transaction
 FILL_CHUNK = 100_000  # backlog messages built and published at a time
 EXPIRED_EVERY = 4  # one row in four of the purge table has expired
 WORKER_RSS_TARGET_MB = 150.0
@@ -502,29 +503,29 @@ class Curves:
         t_before = time.monotonic()
         time.sleep(quiet)
         t_purge = time.monotonic()
-        log(f"purge: DELETE the expired rows, {PURGE_BATCH:,} a transaction")
-        deleted, batches = 0, 0
-        with psycopg.connect(stack.database_url, autocommit=True) as conn:
-            while True:
-                cur = conn.execute(PURGE_SQL, (PURGE_BATCH,))
-                batches += 1
-                deleted += cur.rowcount
-                if cur.rowcount < PURGE_BATCH:
-                    break
+        log("purge: manage.py purge_expired --retention 0s (the workers' purge, run to the end)")
+        done = subprocess.run(
+            [sys.executable, "manage.py", "purge_expired", "--retention", "0s"], cwd=BASE_DIR, env=service.env,
+            capture_output=True, text=True,
+        )  # fmt: skip
         t_done = time.monotonic()
+        said = re.search(r"purged (\d+) rows .* in ([\d.]+) s", done.stdout)
+        if done.returncode != 0 or said is None:
+            raise RuntimeError(f"purge_expired failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        deleted, command_s = int(said.group(1)), float(said.group(2))
         hits.stop()
         misses.stop()
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
             left = conn.execute("SELECT count(*) FROM cache_entries WHERE expires_at < now()").fetchone()[0]
-        seconds = t_done - t_purge
+        seconds = command_s  # the purge itself, without the command's start (Django, ~1 s)
         self.results["purge"] = {
             "rows": total,
             "expired": expired,
             "copy_and_vacuum_s": round(copy_s, 1),
             "deleted": deleted,
             "expired_left": left,
-            "batches": batches,
             "batch": PURGE_BATCH,
+            "command_wall_s": round(t_done - t_purge, 2),
             "seconds": round(seconds, 2),
             "rows_per_s": round(deleted / seconds, 1) if seconds else 0.0,
             "read_rate_each": READ_RATE,
@@ -532,20 +533,10 @@ class Curves:
             "get_hit_during": hits.window(t_purge, t_done),
             "get_miss_before": misses.window(t_before, t_purge),
             "get_miss_during": misses.window(t_purge, t_done),
-            "sql": PURGE_SQL.strip(),
+            "sql": "persistence.write_behind.cache_entries_purge (manage.py purge_expired)",
         }
         if len(live) < misses.window(t_before, t_done)["requests"]:
             self.notes.append("purge: the GET-miss readers ran out of fresh keys (some of their reads were hits)")
-
-
-# The expired rows, a batch at a time: the partial index on expires_at finds them, each batch is
-# one short transaction (row locks on the doomed rows only; SKIP LOCKED passes a row a worker is
-# writing), and a row whose expiry a write moved meanwhile is not deleted.
-PURGE_SQL = """
-DELETE FROM cache_entries WHERE key IN (
-    SELECT key FROM cache_entries WHERE expires_at < now() ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED
-) AND expires_at < now()
-"""
 
 
 async def _write_body(url: str, keys: list[str], body: bytes, connections: int = 8) -> None:
@@ -669,8 +660,8 @@ def markdown(data: dict[str, Any]) -> str:
                      "PostgreSQL after.")  # fmt: skip
     p = r.get("purge")
     if p:
-        lines += ["", f"**Purge of expired rows** ({p['expired']:,} of {p['rows']:,} rows expired; batched DELETE, "
-                  f"{p['batch']:,} a transaction, {p['batches']} batches)", "",
+        lines += ["", f"**Purge of expired rows** ({p['expired']:,} of {p['rows']:,} rows expired; manage.py "
+                  f"purge_expired: the workers' purge, {PURGE_BATCH:,} rows a transaction)", "",
                   "| purge | rows/s | GET hit p50 / p99 before | during | GET miss p50 / p99 before | during |",
                   "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
 
@@ -790,9 +781,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, help="messages in the drain backlog (default 1,000,000; smoke 2,000)")
     parser.add_argument("--install-tools", action="store_true", help="apt-get install wrk when missing (root only)")
     parser.add_argument("--out", default=str(BASE_DIR / "var" / "bench"), help="where the JSON goes (var/bench)")
-    parser.add_argument("--plot", default=str(BASE_DIR / "docs" / "bench" / "cost-curves.png"), help="the image")
+    parser.add_argument(
+        "--plot", help="the image (docs/bench/cost-curves.png; with --smoke, var/bench/cost-curves-smoke.png)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the servers' data and logs")
     args = parser.parse_args(argv)
+    if args.plot is None:  # a smoke run never replaces the measured image
+        args.plot = str(BASE_DIR / ("var/bench/cost-curves-smoke.png" if args.smoke else "docs/bench/cost-curves.png"))
     args.command_line = " ".join(["python -m bench.curves", *(argv if argv is not None else sys.argv[1:])])
     if args.rows is None:
         args.rows = [1_000, 10_000] if args.smoke else list(DEFAULT_ROWS)

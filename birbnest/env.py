@@ -348,6 +348,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WORKER_CONSUMER_GROUP", "birb-worker", parse_nats_name, "Durable consumer name shared by all workers."),
     Setting("WORKER_MAX_DELIVER", "5", _int(1), "Deliveries of one message before it is dead-lettered."),
     Setting(
+        "WORKER_EXPIRED_PURGE_INTERVAL",
+        "60s",
+        _duration(86400),
+        "How often a worker deletes rows expired or deleted longer than TOMBSTONE_RETENTION ago (0 = never).",
+    ),
+    Setting(
         "WARM_CACHE_ON_START",
         "false",
         parse_bool,
@@ -517,6 +523,7 @@ class Config:
     worker_batch_timeout: float
     worker_consumer_group: str
     worker_max_deliver: int
+    worker_expired_purge_interval: float
     warm_cache_on_start: bool
     worker_liveness_file: str
     write_fallback: str

@@ -108,3 +108,57 @@ def cache_entries_upsert_many(*, writes: list[Any]) -> int:
     with connection.cursor() as cursor:
         cursor.execute(sql, [_rows_json(writes)])
         return cursor.rowcount
+
+
+# Expired rows and tombstones, a batch per transaction: the partial index on expires_at (the one
+# on updated_at for tombstones) finds them, SKIP LOCKED passes a row a worker is writing, and the
+# condition is checked again on the row deleted, so one that a write changed meanwhile (a new
+# version, a new expiry) stays.
+_PURGE_SQL = {
+    "expired": """
+DELETE FROM {table} WHERE key IN (
+    SELECT key FROM {table} WHERE expires_at < %s ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED
+) AND expires_at < %s
+""",
+    "deleted": """
+DELETE FROM {table} WHERE key IN (
+    SELECT key FROM {table} WHERE deleted AND updated_at < %s ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED
+) AND deleted AND updated_at < %s
+""",
+}
+# One purger at a time across workers (a transaction-level advisory lock, per batch).
+_PURGE_LOCK = 0x62697262_70726700  # "birbprg\0"
+PURGE_BATCH = 5_000
+
+
+def cache_entries_purge(*, before: Any, batch: int = PURGE_BATCH, max_seconds: float | None = None) -> int:
+    """Delete the rows that expired before ``before`` and the tombstones last written before it,
+    ``batch`` rows per transaction, until none is left or ``max_seconds`` have passed (the rest
+    goes next time). Returns the number of rows deleted.
+
+    The caller passes ``now - TOMBSTONE_RETENTION``: until then a row keeps its version, so a
+    late, older write of the key cannot bring it back (the same rule as tombstones). A batch
+    another process is purging at the same moment is left to it.
+    """
+    import time
+
+    from django.db import connection, transaction
+
+    from persistence.models import CacheEntry
+
+    table = connection.ops.quote_name(CacheEntry._meta.db_table)
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    purged = 0
+    for sql in _PURGE_SQL.values():
+        statement = sql.format(table=table)
+        while deadline is None or time.monotonic() < deadline:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [_PURGE_LOCK])
+                if not cursor.fetchone()[0]:
+                    return purged
+                cursor.execute(statement, [before, batch, before])
+                deleted = cursor.rowcount
+            purged += deleted
+            if deleted < batch:
+                break
+    return purged

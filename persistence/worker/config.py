@@ -24,6 +24,8 @@ class WorkerConfig:
     max_backoff: float = 10.0
     # How often acknowledged messages are purged from the stream (limits retention).
     purge_interval: float = 30.0
+    # How often rows expired or deleted longer than TOMBSTONE_RETENTION ago are deleted (0 = never).
+    expired_purge_interval: float = 60.0
 
     @classmethod
     def from_settings(cls) -> WorkerConfig:
@@ -32,6 +34,7 @@ class WorkerConfig:
             batch_size=config.worker_batch_size,
             batch_timeout=config.worker_batch_timeout,
             liveness_file=str(config.worker_liveness_file or config.data_dir / "worker.alive"),
+            expired_purge_interval=config.worker_expired_purge_interval,
         )
 
 

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from persistence import jetstream, redis_store
 from persistence.messages import OP_SET, PersistWrite, PoisonMessageError, decode, isoformat, latest_per_key
 from persistence.worker import metrics as worker_metrics
 from persistence.worker.config import WorkerConfig, reload_config
-from persistence.write_behind import cache_entries_upsert_many
+from persistence.write_behind import cache_entries_purge, cache_entries_upsert_many
 
 logger = logging.getLogger("persistence.worker")
 # How long a partial batch waits for more messages before it is written (see fetch_ahead).
@@ -48,6 +48,8 @@ BATCH_LINGER = 0.02
 # A connection NATS closed for good is noticed by the main loop between two fetches; if the loop
 # is still waiting on something this long after the close, the wait is abandoned (see
 # run_until_closed) and the worker connects again.
+# Longest a worker spends deleting expired rows between two batches (the rest goes next time).
+PURGE_MAX_SECONDS = 2.0
 CLOSED_GRACE = 5.0
 CLOSED_CHECK_INTERVAL = 0.5
 
@@ -208,7 +210,7 @@ class Worker:
         advisories = await self.js.subscribe(
             jetstream.max_deliveries_advisory_subject(self.js.names), self.on_max_deliveries
         )
-        last_purge = time.monotonic()
+        last_purge = last_expired_purge = time.monotonic()
         # One fetch is always in flight while a batch is written: the fetch waits on NATS, the
         # write on PostgreSQL. Acknowledgements still follow each batch's commit, and the
         # version guard makes the order of two batches irrelevant. A fetch under way when a
@@ -242,6 +244,11 @@ class Worker:
                         await self.js.purge_acknowledged()
                     except Exception as error:  # a failed purge only delays it
                         logger.warning("purge of acknowledged messages failed: %s", error)
+                if self.config.expired_purge_interval and (
+                    time.monotonic() - last_expired_purge > self.config.expired_purge_interval
+                ):
+                    last_expired_purge = time.monotonic()
+                    await self.purge_expired_rows()
         finally:
             if fetching is not None:  # only on an error: its messages come back after the ack wait
                 fetching.cancel()
@@ -254,6 +261,19 @@ class Worker:
             await self.in_db_thread(db.connection.close)
         self.db_thread.shutdown(wait=True)
         self.redis_thread.shutdown(wait=True)
+
+    async def purge_expired_rows(self) -> None:
+        """Delete the rows expired or deleted longer than TOMBSTONE_RETENTION ago, for at most
+        PURGE_MAX_SECONDS between two batches (what is left goes next time)."""
+        before = datetime.now(UTC) - timedelta(seconds=settings.BIRB.tombstone_retention)
+        try:
+            purged = await self.in_db_thread(cache_entries_purge, before=before, max_seconds=PURGE_MAX_SECONDS)
+        except Exception as error:  # a failed purge only delays it
+            logger.warning("purge of expired rows failed: %s", error)
+            return
+        if purged:
+            worker_metrics.ROWS_PURGED.inc(purged)
+            logger.info("purged %d rows expired or deleted before %s", purged, isoformat(before))
 
     async def fetch_ahead(self, subscription: Any) -> list[tuple[Any, PersistWrite | PoisonMessageError]]:
         """The next batch, decoded (here, while the batch before it is being written)."""

@@ -7,6 +7,8 @@ What the alert rules in ``deploy/prometheus/`` read:
 - ``birb_worker_messages_total{outcome}``: messages taken off the stream, by what became of
   them (``persisted`` = acknowledged after commit, ``dead_lettered``).
 - ``birb_worker_batches_total`` and ``birb_worker_batch_duration_seconds``: batches written.
+- ``birb_worker_rows_purged_total``: rows deleted because they expired or were deleted longer
+  than ``TOMBSTONE_RETENTION`` ago (every ``WORKER_EXPIRED_PURGE_INTERVAL``).
 - ``birb_worker_persist_lag_seconds``: per batch, the age of its oldest message at commit
   (time stored in JetStream -> committed in PostgreSQL).
 - ``birb_worker_backlog_messages``: messages waiting in the stream for this consumer, as the
@@ -31,6 +33,11 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes & co. (the dashboard's RSS panel)
 MESSAGES = Counter("birb_worker_messages", "Messages taken off the stream, by outcome", ["outcome"], registry=REGISTRY)
 BATCHES = Counter("birb_worker_batches", "Batches written to PostgreSQL", registry=REGISTRY)
+ROWS_PURGED = Counter(
+    "birb_worker_rows_purged",
+    "Rows deleted as expired or deleted longer than TOMBSTONE_RETENTION ago",
+    registry=REGISTRY,
+)
 BATCH_DURATION = Histogram(
     "birb_worker_batch_duration_seconds",
     "Time to write and acknowledge one batch",
