@@ -280,3 +280,35 @@ def test_with_nats_down_each_write_answers_503_and_nothing_is_visible(client: Cl
         message="a write once NATS is back",
     )
     assert _results(retry)[0]["status"] == 201
+
+
+def test_a_batch_seeds_the_keys_redis_has_no_counter_for_with_one_query(client: Client, monkeypatch) -> None:
+    from django.utils import timezone
+
+    from persistence import selectors
+
+    # given keys Redis has no counter for while it keeps every counter it assigned: two with rows
+    # in PostgreSQL (one live at v7, one deleted at v4) and two that never existed
+    now = timezone.now()
+    live, deleted, new1, new2 = (unique_key(name) for name in ("live", "deleted", "new", "new"))
+    CacheEntry.objects.create(key=live, value=1, version=7, metadata={}, created_at=now, updated_at=now)
+    CacheEntry.objects.create(
+        key=deleted, value=None, version=4, metadata={}, deleted=True, created_at=now, updated_at=now
+    )
+    redis_store.mark_counters_complete()
+    one_by_one, together = [], []
+    one, many = selectors.cache_entry_version_in_db, selectors.cache_entries_versions_in_db
+    monkeypatch.setattr(selectors, "cache_entry_version_in_db", lambda **kw: one_by_one.append(kw) or one(**kw))
+    monkeypatch.setattr(selectors, "cache_entries_versions_in_db", lambda **kw: together.append(kw) or many(**kw))
+    # when one batch writes all four
+    entries = [{"key": key, "value": 2} for key in (live, deleted, new1, new2)]
+    results = _results(batch_set(client, entries))
+    # then each version follows what PostgreSQL had, and PostgreSQL was asked once for all of them
+    assert results == [
+        {"key": live, "status": 200, "version": 8, "created": False},
+        {"key": deleted, "status": 201, "version": 5, "created": True},
+        {"key": new1, "status": 201, "version": 1, "created": True},
+        {"key": new2, "status": 201, "version": 1, "created": True},
+    ]
+    assert one_by_one == []
+    assert len(together) == 1 and sorted(together[0]["keys"]) == sorted([live, deleted, new1, new2])
