@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from bench.run import (  # noqa: E402
     _write_keys,
     get_requests,
     log,
+    shut_down,
 )
 
 CURVES = ("rows", "values", "backlog", "purge")
@@ -281,18 +281,7 @@ class Curves:
             failed = True
             raise
         finally:
-            if sampler is not None:
-                sampler.stopping.set()
-                sampler.join(2)
-                self.results["rss_mb"] = dict(sorted(sampler.peaks.items()))
-            if service is not None:
-                service.stop()
-            if stack is not None:
-                stack.stop()
-            if failed or self.args.keep:
-                log(f"servers' data and logs kept in {data_dir}")
-            else:
-                shutil.rmtree(data_dir, ignore_errors=True)
+            shut_down(sampler, service, stack, self.results, data_dir, keep=failed or self.args.keep)
         return {
             "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
             "smoke": self.args.smoke,

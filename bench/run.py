@@ -424,6 +424,31 @@ class Load:
         return result
 
 
+def shut_down(
+    sampler: RssSampler | None,
+    service: Service | None,
+    stack: Any,
+    results: dict[str, Any],
+    data_dir: Path,
+    *,
+    keep: bool,
+) -> None:
+    """Stop what a bench run started (the peak RSS goes into ``results``); the servers' data and
+    logs stay when ``keep`` (asked for, or the run failed)."""
+    if sampler is not None:
+        sampler.stopping.set()
+        sampler.join(2)
+        results["rss_mb"] = dict(sorted(sampler.peaks.items()))
+    if service is not None:
+        service.stop()
+    if stack is not None:
+        stack.stop()
+    if keep:
+        log(f"servers' data and logs kept in {data_dir}")
+    else:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 def _miss_note(miss: dict[str, Any], keys: int) -> str:
     if "miss_fraction" not in miss:
         return ""
@@ -636,18 +661,7 @@ class Bench:
             failed = True
             raise
         finally:
-            if sampler is not None:
-                sampler.stopping.set()
-                sampler.join(2)
-                self.results["rss_mb"] = dict(sorted(sampler.peaks.items()))
-            if service is not None:
-                service.stop()
-            if stack is not None:
-                stack.stop()
-            if not failed and not self.args.keep:
-                shutil.rmtree(data_dir, ignore_errors=True)
-            else:
-                log(f"servers' data and logs kept in {data_dir}")
+            shut_down(sampler, service, stack, self.results, data_dir, keep=failed or self.args.keep)
         self.seconds = time.monotonic() - began
         self.load_info = load.finish()
         if self.load_info["others_share_of_machine"] > 0.1:

@@ -130,11 +130,39 @@ def test_a_connection_the_server_closed_is_replaced(servers) -> None:
     assert publisher.healthy()[0]
 
 
+class WorkerThread:
+    """``runworker``'s loop (``run_async``) in a daemon thread of this process, so a test can reach
+    its connections; a worker that never stops fails the test instead of hanging its exit."""
+
+    def __init__(self) -> None:
+        from persistence.worker import loop
+        from persistence.worker.config import WorkerConfig
+
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        self.failure: list[BaseException] = []
+        config = replace(WorkerConfig.from_settings(), batch_timeout=0.1)
+
+        def run() -> None:
+            try:
+                self.loop.run_until_complete(loop.run_async(config, self.stop))
+            except BaseException as error:
+                self.failure.append(error)
+
+        self.thread = threading.Thread(daemon=True, target=run)
+
+    def __enter__(self) -> WorkerThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(30)
+
+
 def test_the_worker_connects_again_when_nats_closed_its_connection(transactional_db, monkeypatch) -> None:
     from persistence import jetstream, services
     from persistence.models import CacheEntry
-    from persistence.worker import loop
-    from persistence.worker.config import WorkerConfig
 
     # given a worker running in this process (its connections are recorded as it makes them)
     connections: list[jetstream.JetStream] = []
@@ -146,13 +174,7 @@ def test_the_worker_connects_again_when_nats_closed_its_connection(transactional
         return js
 
     monkeypatch.setattr(jetstream.JetStream, "connect", classmethod(recording_connect))
-    worker_loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    config = replace(WorkerConfig.from_settings(), batch_timeout=0.1)
-    # daemon: a worker that never stops must fail this test, not hang the interpreter's exit
-    thread = threading.Thread(daemon=True, target=lambda: worker_loop.run_until_complete(loop.run_async(config, stop)))
-    thread.start()
-    try:
+    with WorkerThread() as worker:
         wait_for(lambda: connections, timeout=20, message="the worker to connect")
         first = connections[0]
         # when the server drops its connection (a raw message over max_payload): nats-py then
@@ -161,7 +183,7 @@ def test_the_worker_connects_again_when_nats_closed_its_connection(transactional
         oversize = b"x" * (first.nc.max_payload - 10)
         subject = jetstream.names().persist_subject("probe")
         asyncio.run_coroutine_threadsafe(
-            first.nc.publish(subject, oversize, headers={"X-Pad": "y" * 99}), worker_loop
+            first.nc.publish(subject, oversize, headers={"X-Pad": "y" * 99}), worker.loop
         ).result(10)
         wait_for(lambda: not first.nc.is_connected, timeout=10, message="the server to drop the connection")
         # then the worker goes on persisting writes, on that connection or a new one
@@ -170,10 +192,7 @@ def test_the_worker_connects_again_when_nats_closed_its_connection(transactional
         try:
             wait_for(lambda: CacheEntry.objects.filter(key=key).exists(), timeout=30, message="the write persisted")
         except AssertionError as error:
-            raise AssertionError(f"{error}; {_worker_state(connections, thread, worker_loop)}") from None
-    finally:
-        worker_loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
+            raise AssertionError(f"{error}; {_worker_state(connections, worker.thread, worker.loop)}") from None
 
 
 def _worker_state(connections: list[Any], thread: threading.Thread, worker_loop: asyncio.AbstractEventLoop) -> str:
@@ -196,8 +215,6 @@ def test_the_worker_connects_again_when_nats_closed_its_connection_before_it_sub
     ConnectionClosedError from pull_subscribe_bind instead of connecting again."""
     from persistence import jetstream, services
     from persistence.models import CacheEntry
-    from persistence.worker import loop
-    from persistence.worker.config import WorkerConfig
 
     # given the first connection is closed for good just after the worker set up its consumer
     connections: list[jetstream.JetStream] = []
@@ -210,29 +227,14 @@ def test_the_worker_connects_again_when_nats_closed_its_connection_before_it_sub
             await self.nc.close()
 
     monkeypatch.setattr(jetstream.JetStream, "ensure_consumer", closing_after_setup)
-    worker_loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    config = replace(WorkerConfig.from_settings(), batch_timeout=0.1)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            worker_loop.run_until_complete(loop.run_async(config, stop))
-        except BaseException as error:
-            failure.append(error)
-
-    thread = threading.Thread(daemon=True, target=run)
-    thread.start()
-    try:
+    with WorkerThread() as worker:
         # then the worker does not die: it connects again and goes on persisting writes
+        failure = worker.failure
         wait_for(lambda: len(connections) > 1 or failure, timeout=20, message="the worker to connect again")
         assert not failure, f"the worker died: {failure[0]!r}"
         key = unique_key("after-early-close")
         services.cache_entry_set(key=key, value_json=b"1", ttl=None)
         wait_for(lambda: CacheEntry.objects.filter(key=key).exists(), timeout=20, message="the write persisted")
-    finally:
-        worker_loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
 
 
 def test_the_worker_connects_again_when_a_wait_outlives_the_closed_connection(transactional_db, monkeypatch) -> None:
@@ -242,7 +244,6 @@ def test_the_worker_connects_again_when_a_wait_outlives_the_closed_connection(tr
     from persistence import jetstream, services
     from persistence.models import CacheEntry
     from persistence.worker import loop
-    from persistence.worker.config import WorkerConfig
 
     # given a worker whose fetch on its first connection never returns if that connection closes
     # while it waits
@@ -263,20 +264,12 @@ def test_the_worker_connects_again_when_a_wait_outlives_the_closed_connection(tr
     monkeypatch.setattr(jetstream.JetStream, "ensure_consumer", recording)
     monkeypatch.setattr(jetstream.JetStream, "fetch", stuck_once_closed)
     monkeypatch.setattr(loop, "CLOSED_GRACE", 1.0)
-    worker_loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    config = replace(WorkerConfig.from_settings(), batch_timeout=0.1)
-    thread = threading.Thread(daemon=True, target=lambda: worker_loop.run_until_complete(loop.run_async(config, stop)))
-    thread.start()
-    try:
+    with WorkerThread() as worker:
         wait_for(lambda: connections, timeout=20, message="the worker to connect")
         # when NATS closes that connection for good
-        asyncio.run_coroutine_threadsafe(connections[0].nc.close(), worker_loop).result(10)
+        asyncio.run_coroutine_threadsafe(connections[0].nc.close(), worker.loop).result(10)
         # then the worker gives up the wait, connects again and goes on persisting writes
         wait_for(lambda: len(connections) > 1, timeout=20, message="the worker to connect again")
         key = unique_key("after-stuck-wait")
         services.cache_entry_set(key=key, value_json=b"1", ttl=None)
         wait_for(lambda: CacheEntry.objects.filter(key=key).exists(), timeout=20, message="the write persisted")
-    finally:
-        worker_loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
